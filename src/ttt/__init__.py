@@ -1,0 +1,1 @@
+"""Test-Time Training (TTT) layers and language models."""

@@ -1,0 +1,288 @@
+"""TTT-Linear and TTT-MLP as PyTorch modules (spec §4, §6), with an explicit streaming state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.conv import causal_conv1d
+from ..ops.dual import ttt_dual
+from ..ops.functional import gelu_tanh, rope_adjacent, token_coefficients
+from ..ops.reference import ttt_reference
+from ..ops.state import InnerState
+
+LayerType = Literal["linear", "mlp"]
+
+
+@dataclass
+class TTTLayerState:
+    """Everything a TTT layer carries from one call to the next.
+
+    ``inner``: inner weights, the open mini-batch's accumulated gradients and the position inside it.
+    ``conv_q`` / ``conv_k``: the last ``K-1`` inputs of the Q/K convolutions (shared-Q/K variant only).
+    """
+
+    inner: InnerState
+    conv_q: Tensor | None = None
+    conv_k: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.inner.batch_size
+
+    def _map(self, fn_inner, fn) -> TTTLayerState:
+        return replace(self, inner=fn_inner(self.inner),
+                       conv_q=None if self.conv_q is None else fn(self.conv_q),
+                       conv_k=None if self.conv_k is None else fn(self.conv_k))
+
+    def detach(self) -> TTTLayerState:
+        return self._map(lambda s: s.detach(), lambda t: t.detach())
+
+    def clone(self) -> TTTLayerState:
+        return self._map(lambda s: s.clone(), lambda t: t.clone())
+
+    def to(self, device: torch.device | str) -> TTTLayerState:
+        return self._map(lambda s: s.to(device), lambda t: t.to(device))
+
+    def index_select(self, index: Tensor) -> TTTLayerState:
+        """Keep / reorder batch rows (beam search, dropping finished sequences)."""
+        return self._map(lambda s: s.index_select(index), lambda t: t.index_select(0, index.to(t.device)))
+
+
+def _inner_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Inner state and LayerNorm statistics stay in fp32 for half-precision models."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+class TTTLayer(nn.Module):
+    """A Test-Time Training sequence layer (TTT-Linear or TTT-MLP) on ``[batch, length, width]`` input.
+
+    Args:
+        hidden_size: model width ``D``.
+        num_heads: heads ``H``; each has its own inner model on ``F = D / H`` features.
+        ttt_layer_type: ``"linear"`` (``f(x) = x W + b``) or ``"mlp"`` (2 layers, hidden ``4F``).
+        mini_batch_size: tokens per TTT mini-batch ``b``.
+        ttt_base_lr: base inner learning rate (1.0 for linear, 0.1 for MLP in the paper's recipes).
+        share_qk: one ``q_proj`` followed by two depthwise causal convs (Mamba backbone) instead of
+            separate ``q_proj`` / ``k_proj``.
+        use_gate: multiply the output by ``gelu_tanh(g_proj(x))`` before ``o_proj``.
+        conv_kernel: kernel size of the Q/K convs.
+        rope_theta: rotary base; positions are taken modulo ``mini_batch_size``.
+        remat_group_size: if > 0, rematerialise the scan every that many mini-batches in training.
+        impl: ``"dual"`` (fast) or ``"reference"`` (token-by-token primal form, for testing).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        ttt_layer_type: LayerType = "linear",
+        mini_batch_size: int = 16,
+        ttt_base_lr: float = 1.0,
+        share_qk: bool = False,
+        use_gate: bool = False,
+        conv_kernel: int = 4,
+        rope_theta: float = 10000.0,
+        remat_group_size: int = 0,
+        impl: Literal["dual", "reference"] = "dual",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if hidden_size < 1 or num_heads < 1 or hidden_size % num_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be a positive multiple of num_heads ({num_heads})")
+        head_dim = hidden_size // num_heads
+        if head_dim % 2:
+            raise ValueError(f"head dim hidden_size/num_heads = {head_dim} must be even (rotary embedding)")
+        if ttt_layer_type not in ("linear", "mlp"):
+            raise ValueError(f"ttt_layer_type must be 'linear' or 'mlp', got {ttt_layer_type!r}")
+        if not isinstance(mini_batch_size, int) or mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be an integer >= 1, got {mini_batch_size!r}")
+        if share_qk and conv_kernel < 1:
+            raise ValueError(f"conv_kernel must be >= 1, got {conv_kernel}")
+        if remat_group_size < 0:
+            raise ValueError(f"remat_group_size must be >= 0, got {remat_group_size}")
+        if impl not in ("dual", "reference"):
+            raise ValueError(f"impl must be 'dual' or 'reference', got {impl!r}")
+        fk = {"device": device, "dtype": dtype}
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.ttt_layer_type = ttt_layer_type
+        self.mini_batch_size = mini_batch_size
+        self.ttt_base_lr = float(ttt_base_lr)
+        self.share_qk, self.use_gate = share_qk, use_gate
+        self.conv_kernel, self.rope_theta = conv_kernel, rope_theta
+        self.remat_group_size, self.impl = remat_group_size, impl
+
+        d, h, f = hidden_size, num_heads, head_dim
+        self.q_proj = nn.Linear(d, d, bias=False, **fk)
+        if share_qk:
+            self.conv_q = nn.Conv1d(d, d, conv_kernel, groups=d, bias=True, **fk)
+            self.conv_k = nn.Conv1d(d, d, conv_kernel, groups=d, bias=True, **fk)
+        else:
+            self.k_proj = nn.Linear(d, d, bias=False, **fk)
+        self.v_proj = nn.Linear(d, d, bias=False, **fk)
+        self.o_proj = nn.Linear(d, d, bias=False, **fk)
+        if use_gate:
+            self.g_proj = nn.Linear(d, d, bias=False, **fk)
+        self.learnable_ttt_lr_weight = nn.Parameter(torch.empty(h, 1, d, **fk))
+        self.learnable_ttt_lr_bias = nn.Parameter(torch.empty(h, 1, **fk))
+        self.learnable_token_idx = nn.Parameter(torch.empty(mini_batch_size, **fk))
+        self.ttt_norm_weight = nn.Parameter(torch.empty(h, f, **fk))
+        self.ttt_norm_bias = nn.Parameter(torch.empty(h, f, **fk))
+        self.post_norm = nn.LayerNorm(d, eps=1e-6, **fk)
+        f1 = f if ttt_layer_type == "linear" else 4 * f
+        self.W1 = nn.Parameter(torch.empty(h, f, f1, **fk))
+        self.b1 = nn.Parameter(torch.empty(h, 1, f1, **fk))
+        if ttt_layer_type == "mlp":
+            self.W2 = nn.Parameter(torch.empty(h, f1, f, **fk))
+            self.b2 = nn.Parameter(torch.empty(h, 1, f, **fk))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Spec §7 initialisation: linear and inner weights N(0, std), biases 0, norms 1/0."""
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                nn.init.normal_(mod.weight, std=std)
+        for name in ("conv_q", "conv_k"):
+            conv = getattr(self, name, None)
+            if conv is not None:
+                conv.reset_parameters()
+        nn.init.normal_(self.learnable_ttt_lr_weight, std=std)
+        nn.init.zeros_(self.learnable_ttt_lr_bias)
+        nn.init.zeros_(self.learnable_token_idx)
+        nn.init.ones_(self.ttt_norm_weight)
+        nn.init.zeros_(self.ttt_norm_bias)
+        self.post_norm.reset_parameters()
+        nn.init.normal_(self.W1, std=std)
+        nn.init.zeros_(self.b1)
+        if self.ttt_layer_type == "mlp":
+            nn.init.normal_(self.W2, std=std)
+            nn.init.zeros_(self.b2)
+
+    def inner_weights(self) -> tuple[Tensor, ...]:
+        """The learned initial inner weights ``W0`` (``[H, ...]`` each)."""
+        if self.ttt_layer_type == "linear":
+            return (self.W1, self.b1)
+        return (self.W1, self.b1, self.W2, self.b2)
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> TTTLayerState:
+        """A fresh state at a sequence start (learned ``W0``, nothing accumulated, empty conv buffers)."""
+        ref = self.W1
+        device = ref.device if device is None else torch.device(device)
+        weights = tuple(w.to(device) for w in self.inner_weights())
+        inner = InnerState.from_weights(weights, batch_size, dtype=_inner_dtype(ref.dtype))
+        conv_q = conv_k = None
+        if self.share_qk:
+            shape = (batch_size, self.hidden_size, self.conv_kernel - 1)
+            conv_q = torch.zeros(shape, device=device, dtype=ref.dtype)
+            conv_k = torch.zeros(shape, device=device, dtype=ref.dtype)
+        return TTTLayerState(inner, conv_q, conv_k)
+
+    def _check_inputs(self, x: Tensor, state: TTTLayerState | None, lengths: Tensor | None) -> None:
+        if x.dim() != 3:
+            raise ValueError(f"{type(self).__name__} expects input [batch, length, {self.hidden_size}], "
+                             f"got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"input width {x.shape[-1]} does not match hidden_size {self.hidden_size}")
+        if not x.is_floating_point():
+            raise ValueError(f"input must be floating point, got {x.dtype}")
+        bsz = x.shape[0]
+        if lengths is not None:
+            if lengths.shape != (bsz,) or lengths.dtype.is_floating_point:
+                raise ValueError(f"lengths must be an integer tensor of shape [{bsz}], got "
+                                 f"{tuple(lengths.shape)} {lengths.dtype}")
+        if state is None:
+            return
+        if not isinstance(state, TTTLayerState):
+            raise TypeError(f"state must be a TTTLayerState, got {type(state).__name__}")
+        expected = self.init_state(0, device="meta")
+        want = (bsz, *expected.inner.W1.shape[1:])
+        if tuple(state.inner.W1.shape) != want or state.inner.is_mlp != (self.ttt_layer_type == "mlp"):
+            raise ValueError(f"state does not fit this layer/input: state.inner.W1 has shape "
+                             f"{tuple(state.inner.W1.shape)}, expected {want} ({self.ttt_layer_type})")
+        if state.inner.W1.device != x.device:
+            raise ValueError(f"state is on {state.inner.W1.device} but the input is on {x.device}")
+        if state.inner.W1.dtype != _inner_dtype(self.W1.dtype):
+            raise ValueError(f"state dtype {state.inner.W1.dtype} does not match the layer's inner dtype "
+                             f"{_inner_dtype(self.W1.dtype)}")
+        if self.share_qk and (state.conv_q is None or state.conv_q.shape[0] != bsz):
+            raise ValueError("state lacks Q/K conv buffers of the right batch size for this share_qk layer")
+
+    def forward(
+        self, x: Tensor, state: TTTLayerState | None = None, lengths: Tensor | None = None
+    ) -> tuple[Tensor, TTTLayerState]:
+        """Run the layer on ``x [B, L, D]``, continuing from ``state`` (fresh when None).
+
+        With ``lengths [B]``, row ``r`` has ``lengths[r]`` real tokens at the front; the rest are padding,
+        which touches no state and gets output 0. Returns ``(out [B, L, D], new_state)``.
+        """
+        self._check_inputs(x, state, lengths)
+        bsz, length, _ = x.shape
+        if state is None:
+            state = self.init_state(bsz, device=x.device)
+        h, f = self.num_heads, self.head_dim
+
+        xq = self.q_proj(x)
+        conv_q_state = conv_k_state = None
+        if self.share_qk:
+            xk, conv_k_state = causal_conv1d(xq, self.conv_k.weight, self.conv_k.bias, state.conv_k, lengths)
+            xq, conv_q_state = causal_conv1d(xq, self.conv_q.weight, self.conv_q.bias, state.conv_q, lengths)
+        else:
+            xk = self.k_proj(x)
+        xv = self.v_proj(x)
+
+        def heads(t: Tensor) -> Tensor:
+            return t.view(bsz, length, h, f).transpose(1, 2)
+
+        xq, xk, xv = heads(xq), heads(xk), heads(xv)
+        positions = state.inner.pos.view(bsz, 1) + torch.arange(length, device=x.device)
+        positions = positions % self.mini_batch_size
+        xq = rope_adjacent(xq, positions, self.rope_theta)
+        xk = rope_adjacent(xk, positions, self.rope_theta)
+
+        gate_logits = torch.einsum("bld,hd->bhl", x, self.learnable_ttt_lr_weight.squeeze(1))
+        gate_logits = gate_logits + self.learnable_ttt_lr_bias.view(1, h, 1)
+        lr = self.ttt_base_lr * torch.sigmoid(gate_logits.to(_inner_dtype(x.dtype))) / f
+        coef = token_coefficients(self.learnable_token_idx)
+        if self.impl == "reference":
+            out, inner = ttt_reference(xq, xk, xv, lr, coef, self.ttt_norm_weight, self.ttt_norm_bias,
+                                       state.inner, lengths)
+        else:
+            out, inner = ttt_dual(xq, xk, xv, lr, coef, self.ttt_norm_weight, self.ttt_norm_bias,
+                                  state.inner, lengths, self.remat_group_size if self.training else 0)
+        out = out.to(x.dtype).transpose(1, 2).reshape(bsz, length, self.hidden_size)
+        out = self.post_norm(out)
+        if self.use_gate:
+            out = gelu_tanh(self.g_proj(x)) * out
+        out = self.o_proj(out)
+        if lengths is not None:
+            valid = torch.arange(length, device=x.device).view(1, length) < lengths.to(x.device).view(bsz, 1)
+            out = out * valid.unsqueeze(-1).to(out.dtype)
+        return out, TTTLayerState(inner, conv_q_state, conv_k_state)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, type={self.ttt_layer_type}, "
+                f"mini_batch_size={self.mini_batch_size}, ttt_base_lr={self.ttt_base_lr}, "
+                f"share_qk={self.share_qk}, use_gate={self.use_gate}")
+
+
+class TTTLinear(TTTLayer):
+    """TTT layer whose hidden state is a linear model (spec §1)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, **kwargs) -> None:
+        kwargs.setdefault("ttt_base_lr", 1.0)
+        super().__init__(hidden_size, num_heads, ttt_layer_type="linear", **kwargs)
+
+
+class TTTMLP(TTTLayer):
+    """TTT layer whose hidden state is a 2-layer MLP with hidden width ``4F`` (spec §1)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, **kwargs) -> None:
+        kwargs.setdefault("ttt_base_lr", 0.1)
+        super().__init__(hidden_size, num_heads, ttt_layer_type="mlp", **kwargs)
+
+

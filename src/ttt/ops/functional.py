@@ -1,0 +1,71 @@
+"""Small differentiable building blocks shared by the reference and the fast path (spec §2, §6)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """The tanh approximation of GELU used by the inner TTT-MLP and the output gate."""
+    return F.gelu(x, approximate="tanh")
+
+
+def gelu_tanh_grad(x: Tensor) -> Tensor:
+    """Derivative of :func:`gelu_tanh` with respect to its input."""
+    inner = _GELU_C * (x + 0.044715 * x.pow(3))
+    t = torch.tanh(inner)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the last dimension with explicit (broadcastable) affine parameters."""
+    mu = x.mean(-1, keepdim=True)
+    xc = x - mu
+    var = (xc * xc).mean(-1, keepdim=True)
+    return xc * torch.rsqrt(var + eps) * weight + bias
+
+
+def ln_l2_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
+    """Gradient w.r.t. ``z`` of ``0.5 * ||LN(z) - target||^2`` (sum over the last dim), in closed form.
+
+    ``dZ = (F*gy - sum(gy) - xhat * sum(gy*xhat)) / (F * std)`` with ``gy = weight * (LN(z) - target)``.
+    """
+    f = z.shape[-1]
+    mu = z.mean(-1, keepdim=True)
+    xc = z - mu
+    var = (xc * xc).mean(-1, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    xhat = xc * rstd
+    gy = weight * (xhat * weight + bias - target)
+    return (f * gy - gy.sum(-1, keepdim=True) - xhat * (gy * xhat).sum(-1, keepdim=True)) * (rstd / f)
+
+
+def rope_adjacent(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
+    """Rotary embedding rotating adjacent feature pairs (2i, 2i+1) by ``pos * theta^(-2i/F)``.
+
+    Args:
+        x: ``[B, H, L, F]`` with even ``F``.
+        positions: ``[B, L]`` integer positions (the project uses the position inside the mini-batch).
+    """
+    f = x.shape[-1]
+    if f % 2:
+        raise ValueError(f"rotary embedding needs an even head dim, got {f}")
+    inv_freq = theta ** (-torch.arange(0, f, 2, device=x.device, dtype=torch.float64) / f)
+    ang = positions.to(torch.float64)[..., None] * inv_freq  # [B, L, F/2]
+    cos = ang.cos().to(x.dtype)[:, None]
+    sin = ang.sin().to(x.dtype)[:, None]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+
+
+def token_coefficients(learnable_token_idx: Tensor) -> Tensor:
+    """``coef_i = max(0, 1/(i+1) + delta_i)`` for the positions of a mini-batch (spec §4)."""
+    b = learnable_token_idx.shape[-1]
+    base = 1.0 / torch.arange(1, b + 1, device=learnable_token_idx.device, dtype=learnable_token_idx.dtype)
+    return torch.clamp(base + learnable_token_idx, min=0.0)
