@@ -30,6 +30,8 @@ def causal_conv1d(
         state = x.new_zeros(b, d, k - 1)
     elif state.shape != (b, d, k - 1):
         raise ValueError(f"conv state must be [{b}, {d}, {k - 1}], got {tuple(state.shape)}")
+    if length == 0:
+        return x, state
     xp = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [B, D, K-1+L]
     y = F.conv1d(xp, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), groups=d)
     if k == 1:

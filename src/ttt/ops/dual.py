@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .functional import gelu_tanh, gelu_tanh_grad, layer_norm, ln_l2_grad
+from .functional import gelu_tanh, gelu_tanh_backward, layer_norm, ln_l2_grad
 from .state import InnerState
 
 
@@ -71,19 +71,22 @@ def _unalign(y: Tensor, starts: Tensor, lengths: Tensor, length: int) -> Tensor:
     return torch.where(valid, out, torch.zeros((), dtype=y.dtype, device=y.device))
 
 
-def _scan_linear(carry: tuple[Tensor, ...], k: Tensor, q: Tensor, tgt: Tensor, a: Tensor, lr: Tensor,
-                 coef: Tensor, ln_w: Tensor, ln_b: Tensor, complete: Tensor | None, first: bool
+def _scan_linear(carry: tuple[Tensor, ...], kq: Tensor, tgt: Tensor, a: Tensor, lr: Tensor,
+                 coef: Tensor, ln_w: Tensor | None, ln_b: Tensor | None, complete: Tensor | None, first: bool
                  ) -> tuple[Tensor, ...]:
-    """Scan TTT-Linear over ``n`` mini-batches. Inputs are ``[n, BH, b, *]``; returns (Zbar, *carry)."""
+    """Scan TTT-Linear over ``n`` mini-batches. Inputs are ``[n, BH, b, *]`` (``kq``: keys then queries,
+    ``[n, BH, 2b, F]``); returns ``(Zbar, *carry)``."""
     w, bias, gw, gb = carry
+    mb = tgt.shape[-2]
     coef_last = coef[-1]
     coef_col = coef.view(-1, 1)
     outs = []
-    for i in range(k.shape[0]):
-        ki, qi, lri = k[i], q[i], lr[i]  # lri: [BH, 1, b]
-        z = torch.baddbmm(bias, ki, w)
-        g = ln_l2_grad(z, tgt[i], ln_w, ln_b)
-        zq = torch.baddbmm(bias, qi, w) - torch.bmm(a[i], g)
+    # unbind once: indexing inside the loop would make autograd scatter into full-size zeros each step
+    for i, (kqi, ti, ai, lri) in enumerate(zip(*(t.unbind(0) for t in (kq, tgt, a, lr)))):
+        ki, qi = kqi[:, :mb], kqi[:, mb:]  # lri: [BH, 1, b]
+        zz = torch.baddbmm(bias, kqi, w)
+        g = ln_l2_grad(zz[:, :mb], ti, ln_w, ln_b) if ln_w is not None else zz[:, :mb] - ti
+        zq = zz[:, mb:] - torch.bmm(ai, g)
         if first and i == 0:  # tokens of the open mini-batch seen in earlier calls
             zq = zq - coef_col * (torch.bmm(qi, gw) + gb)
         outs.append(zq)
@@ -101,26 +104,28 @@ def _scan_linear(carry: tuple[Tensor, ...], k: Tensor, q: Tensor, tgt: Tensor, a
     return (torch.stack(outs), w, bias, gw, gb)
 
 
-def _scan_mlp(carry: tuple[Tensor, ...], k: Tensor, q: Tensor, tgt: Tensor, a: Tensor, e: Tensor, lr: Tensor,
+def _scan_mlp(carry: tuple[Tensor, ...], kq: Tensor, tgt: Tensor, a: Tensor, e: Tensor, lr: Tensor,
               coef: Tensor, ln_w: Tensor, ln_b: Tensor, complete: Tensor | None, first: bool
               ) -> tuple[Tensor, ...]:
     """Scan TTT-MLP over ``n`` mini-batches (dual form applied layer by layer)."""
     w1, b1, w2, b2, gw1, gb1, gw2, gb2 = carry
+    mb = tgt.shape[-2]
     coef_last = coef[-1]
     coef_col = coef.view(-1, 1)
     outs = []
-    for i in range(k.shape[0]):
-        ki, qi, lri = k[i], q[i], lr[i]
-        z1 = torch.baddbmm(b1, ki, w1)
+    for i, (kqi, ti, ai, ei, lri) in enumerate(zip(*(t.unbind(0) for t in (kq, tgt, a, e, lr)))):
+        ki, qi = kqi[:, :mb], kqi[:, mb:]
+        zz1 = torch.baddbmm(b1, kqi, w1)
+        z1 = zz1[:, :mb]
         x2 = gelu_tanh(z1)
         z2 = torch.baddbmm(b2, x2, w2)
-        g2 = ln_l2_grad(z2, tgt[i], ln_w, ln_b)
-        g1 = torch.bmm(g2, w2.transpose(1, 2)) * gelu_tanh_grad(z1)
-        zb1 = torch.baddbmm(b1, qi, w1) - torch.bmm(a[i], g1)
+        g2 = ln_l2_grad(z2, ti, ln_w, ln_b)
+        g1 = gelu_tanh_backward(torch.bmm(g2, w2.transpose(1, 2)), z1)
+        zb1 = zz1[:, mb:] - torch.bmm(ai, g1)
         if first and i == 0:
             zb1 = zb1 - coef_col * (torch.bmm(qi, gw1) + gb1)
         xb2 = gelu_tanh(zb1)
-        a2 = e[i] * (torch.bmm(xb2, x2.transpose(1, 2)) + 1.0)
+        a2 = ei * (torch.bmm(xb2, x2.transpose(1, 2)) + 1.0)
         zb2 = torch.baddbmm(b2, xb2, w2) - torch.bmm(a2, g2)
         if first and i == 0:
             zb2 = zb2 - coef_col * (torch.bmm(xb2, gw2) + gb2)
@@ -152,6 +157,7 @@ def ttt_dual(
     state: InnerState,
     lengths: Tensor | None = None,
     remat_group_size: int = 0,
+    ln_residual: bool = True,
 ) -> tuple[Tensor, InnerState]:
     """TTT-Linear / TTT-MLP (following ``state``) over a chunk of tokens, in the mini-batch dual form.
 
@@ -159,6 +165,8 @@ def ttt_dual(
     ``coef [b]``, ``ln_w/ln_b [H, F]``, carried ``state``; optional ``lengths [B]`` (real tokens first).
     The inner loop runs in the state's dtype (fp32 for bf16/fp16 inputs, or fp64); the output has the
     input's dtype. ``remat_group_size > 0`` checkpoints the scan every that many mini-batches.
+    ``ln_residual=False`` (TTT-Linear only) drops the inner LayerNorm and residual: the loss becomes
+    ``0.5 * ||f(k) - v||^2`` and the output ``f(q)``; used to check the linear-attention identity.
     """
     _validate(xq, xk, xv, lr, coef, ln_w, ln_b, state, lengths)
     in_dtype = xq.dtype
@@ -197,7 +205,10 @@ def ttt_dual(
 
     k, q, v = grid(ak), grid(aq), grid(av)
     lr_g = alr.reshape(bh, n_mb, 1, mb).transpose(0, 1)  # [n_mb, BH, 1, b]
-    tgt = v - k
+    if not ln_residual and state.is_mlp:
+        raise ValueError("ln_residual=False is only defined for TTT-Linear")
+    tgt = v - k if ln_residual else v
+    kq = torch.cat([k, q], dim=-2)  # one matmul with the weights gives both K W and Q W
     tril = torch.ones(mb, mb, dtype=torch.bool, device=device).tril()
     e = torch.where(tril, coef.view(mb, 1) * lr_g, torch.zeros((), dtype=cd, device=device))  # [n, BH, b, b]
     a1 = e * (torch.matmul(q, k.transpose(-1, -2)) + 1.0)
@@ -223,10 +234,11 @@ def ttt_dual(
         comp = None if complete is None else complete[sl]
         first = g0 == 0 and s_max > 0
         if is_mlp:
-            args = (k[sl], q[sl], tgt[sl], a1[sl], e[sl], lr_g[sl], coef, lnw, lnb, comp, first)
+            args = (kq[sl], tgt[sl], a1[sl], e[sl], lr_g[sl], coef, lnw, lnb, comp, first)
             fn = _scan_mlp
         else:
-            args = (k[sl], q[sl], tgt[sl], a1[sl], lr_g[sl], coef, lnw, lnb, comp, first)
+            args = (kq[sl], tgt[sl], a1[sl], lr_g[sl], coef, lnw if ln_residual else None,
+                    lnb if ln_residual else None, comp, first)
             fn = _scan_linear
         if remat_group_size > 0 and torch.is_grad_enabled():
             res = checkpoint(fn, carry, *args, use_reentrant=False)
@@ -235,7 +247,10 @@ def ttt_dual(
         zbars.append(res[0])
         carry = res[1:]
     zbar = torch.cat(zbars).transpose(0, 1).reshape(bsz, heads, total, f)
-    out = aq + layer_norm(zbar, ln_w.view(1, heads, 1, f), ln_b.view(1, heads, 1, f))
+    if ln_residual:
+        out = aq + layer_norm(zbar, ln_w.view(1, heads, 1, f), ln_b.view(1, heads, 1, f))
+    else:
+        out = zbar
     if not (uniform and s_min == 0 and total == length):
         out = _unalign(out, starts, n_vec, length)
 

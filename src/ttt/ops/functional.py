@@ -23,6 +23,11 @@ def gelu_tanh_grad(x: Tensor) -> Tensor:
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
 
 
+def gelu_tanh_backward(grad: Tensor, x: Tensor) -> Tensor:
+    """``grad * gelu_tanh'(x)`` in one fused (twice-differentiable) kernel."""
+    return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+
+
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
     """LayerNorm over the last dimension with explicit (broadcastable) affine parameters."""
     mu = x.mean(-1, keepdim=True)
@@ -32,10 +37,23 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Te
 
 
 def ln_l2_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
-    """Gradient w.r.t. ``z`` of ``0.5 * ||LN(z) - target||^2`` (sum over the last dim), in closed form.
+    """Gradient w.r.t. ``z`` of ``0.5 * ||LN(z) - target||^2`` (sum over the last dim).
 
-    ``dZ = (F*gy - sum(gy) - xhat * sum(gy*xhat)) / (F * std)`` with ``gy = weight * (LN(z) - target)``.
+    Equal to :func:`ln_l2_grad_closed_form`, computed with PyTorch's fused LayerNorm kernels (fewer
+    small kernels inside the scan; both are differentiable for the outer backward).
     """
+    f = z.shape[-1]
+    xhat, mean, rstd = torch.ops.aten.native_layer_norm(z, [f], None, None, eps)
+    gy = weight * torch.addcmul(bias - target, xhat, weight)
+    mask = [True, False, False]
+    return torch.ops.aten.native_layer_norm_backward(gy, z, [f], mean, rstd, None, None, mask)[0]
+
+
+def ln_l2_grad_closed_form(
+    z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6
+) -> Tensor:
+    """Spec §2 closed form: ``dZ = (F*gy - sum(gy) - xhat * sum(gy*xhat)) / (F * std)``,
+    ``gy = weight * (LN(z) - target)``."""
     f = z.shape[-1]
     mu = z.mean(-1, keepdim=True)
     xc = z - mu

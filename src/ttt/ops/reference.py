@@ -31,6 +31,11 @@ def _inner_loss(weights: tuple[Tensor, ...], k: Tensor, v: Tensor, ln_w: Tensor,
     return 0.5 * ((pred - (v - k)) ** 2).sum()
 
 
+def _plain_loss(weights: tuple[Tensor, ...], k: Tensor, v: Tensor, ln_w: Tensor, ln_b: Tensor) -> Tensor:
+    """``0.5 * || f_res(k) - v ||^2``: the inner loss without LayerNorm and residual."""
+    return 0.5 * ((_f_res(k, weights) - v) ** 2).sum()
+
+
 def ttt_reference(
     xq: Tensor,
     xk: Tensor,
@@ -41,6 +46,7 @@ def ttt_reference(
     ln_b: Tensor,
     state: InnerState,
     lengths: Tensor | None = None,
+    ln_residual: bool = True,
 ) -> tuple[Tensor, InnerState]:
     """Run the TTT inner loop one token at a time (TTT-Linear or TTT-MLP, following ``state``).
 
@@ -51,13 +57,14 @@ def ttt_reference(
         ln_w, ln_b: ``[H, F]`` inner LayerNorm parameters.
         state: the carried inner state (its ``pos`` says where each row is inside its mini-batch).
         lengths: optional ``[B]``: only the first ``lengths[r]`` tokens of row ``r`` are real.
+        ln_residual: if False, the inner model has no LayerNorm and residual (output ``f_res(q)``).
 
     Returns:
         ``out [B, H, L, F]`` (``q + LN(f_res(q; W_t))``, zeros at padding) and the new state.
     """
     bsz, _, length, _ = xq.shape
     mb = coef.shape[0]
-    grad_fn = torch.func.grad(_inner_loss)
+    grad_fn = torch.func.grad(_inner_loss if ln_residual else _plain_loss)
     rows_out, rows_state = [], []
     for r in range(bsz):
         n = length if lengths is None else int(lengths[r])
@@ -70,7 +77,7 @@ def ttt_reference(
             acc = [a + lr[r, :, t].view(-1, *([1] * (a.dim() - 1))) * g for a, g in zip(acc, grads)]
             w_t = tuple(w - coef[pos] * a for w, a in zip(w0, acc))
             q = xq[r, :, t]
-            outs.append(q + layer_norm(_f_res(q, w_t), ln_w, ln_b))
+            outs.append(q + layer_norm(_f_res(q, w_t), ln_w, ln_b) if ln_residual else _f_res(q, w_t))
             pos += 1
             if pos == mb:
                 w0, acc, pos = list(w_t), [torch.zeros_like(a) for a in acc], 0

@@ -1,0 +1,168 @@
+"""TTTLayer: dual vs reference (outputs and every parameter gradient), streaming, padding, errors.
+
+Tolerances: float64 1e-10; float32 rtol/atol 1e-5; bf16 relative L2 error < 3e-2 against fp32.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ttt.layers import TTTLayer, TTTLayerState, TTTLinear, TTTMLP
+
+def assert_rel_close(a: torch.Tensor, b: torch.Tensor, tol: float, msg: str = "") -> None:
+    """max|a - b| <= tol * max|b| (relative to the reference's scale)."""
+    err = (a - b).abs().max().item()
+    scale = b.abs().max().item()
+    assert err <= tol * max(scale, 1e-30), f"{msg}: max abs err {err:.3e} vs scale {scale:.3e}"
+
+
+OPTIONS = list(itertools.product(["linear", "mlp"], [False, True], [False, True]))
+
+
+def make_pair(kind: str, share_qk: bool, use_gate: bool, dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    fast = TTTLayer(32, 4, kind, mini_batch_size=4, share_qk=share_qk, use_gate=use_gate, **kw).to(dtype)
+    with torch.no_grad():  # move every parameter away from its init so all gradient paths are exercised
+        for p in fast.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref = TTTLayer(32, 4, kind, mini_batch_size=4, share_qk=share_qk, use_gate=use_gate, impl="reference",
+                   **kw).to(dtype)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+@pytest.mark.parametrize("kind,share_qk,use_gate", OPTIONS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_dual_equals_reference_outputs_and_grads(kind, share_qk, use_gate, dtype, tol) -> None:
+    fast, ref = make_pair(kind, share_qk, use_gate, dtype)
+    x = torch.randn(2, 11, 32, dtype=dtype)
+    weight = torch.randn(2, 11, 32, dtype=dtype)
+    outs = []
+    for layer in (fast, ref):
+        out, state = layer(x)
+        (out * weight).sum().backward()
+        outs.append((out, state))
+    assert_rel_close(outs[0][0], outs[1][0], tol, "output")
+    for (name, p1), p2 in zip(fast.named_parameters(), ref.parameters(), strict=True):
+        assert p1.grad is not None, name
+        assert_rel_close(p1.grad, p2.grad, tol, name)
+
+
+@pytest.mark.parametrize("kind,share_qk,use_gate", OPTIONS)
+def test_streaming_chunks_equal_one_call(kind, share_qk, use_gate) -> None:
+    layer, _ = make_pair(kind, share_qk, use_gate)
+    x = torch.randn(2, 29, 32, dtype=torch.float64)
+    full, st_full = layer(x)
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(4):
+        if trial == 0:
+            cuts = list(range(1, 29))  # token by token
+        else:
+            cuts = sorted(torch.randperm(28, generator=gen)[: 3 + 2 * trial].add(1).tolist())
+        st, outs, prev = None, [], 0
+        for c in cuts + [29]:
+            out, st = layer(x[:, prev:c], st)
+            outs.append(out)
+            prev = c
+        torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
+        for a, b in zip(st.inner.weights() + st.inner.grads(), st_full.inner.weights() + st_full.inner.grads(),
+                        strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        assert torch.equal(st.inner.pos, st_full.inner.pos)
+        if share_qk:
+            torch.testing.assert_close(st.conv_q, st_full.conv_q)
+            torch.testing.assert_close(st.conv_k, st_full.conv_k)
+
+
+@pytest.mark.parametrize("kind,share_qk", [("linear", True), ("mlp", False)])
+def test_padding_rows_equal_single_rows(kind, share_qk) -> None:
+    layer, _ = make_pair(kind, share_qk, False)
+    x = torch.randn(3, 9, 32, dtype=torch.float64)
+    lengths = torch.tensor([9, 4, 0])
+    out, st = layer(x, lengths=lengths)
+    for r in range(3):
+        n = int(lengths[r])
+        single, st_r = layer(x[r : r + 1, :n])
+        torch.testing.assert_close(out[r : r + 1, :n], single, rtol=1e-10, atol=1e-10)
+        assert out[r, n:].abs().max() == 0 if n < 9 else True
+        torch.testing.assert_close(st.inner.W1[r : r + 1], st_r.inner.W1)
+        assert int(st.inner.pos[r]) == n % 4
+    # continuing the padded batch equals continuing each row alone
+    y = torch.randn(3, 5, 32, dtype=torch.float64)
+    out2, _ = layer(y, st)
+    for r in range(3):
+        n = int(lengths[r])
+        _, st_r = layer(x[r : r + 1, :n])
+        single2, _ = layer(y[r : r + 1], st_r)
+        torch.testing.assert_close(out2[r : r + 1], single2, rtol=1e-10, atol=1e-10)
+
+
+def test_bf16_close_to_fp32() -> None:
+    torch.manual_seed(0)
+    layer = TTTLinear(64, 4, mini_batch_size=16)
+    x = torch.randn(2, 40, 64)
+    out32, _ = layer(x)
+    layer16 = TTTLinear(64, 4, mini_batch_size=16).to(torch.bfloat16)
+    layer16.load_state_dict(layer.state_dict())
+    out16, st16 = layer16(x.to(torch.bfloat16))
+    assert out16.dtype == torch.bfloat16 and st16.inner.W1.dtype == torch.float32
+    rel = (out16.float() - out32).norm() / out32.norm()
+    assert rel < 3e-2, f"bf16 relative error {rel:.3e}"
+    out16.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer16.parameters())
+
+
+@pytest.mark.parametrize("head_dim,mb", [(16, 1), (64, 16), (128, 64)])
+def test_sizes_run(head_dim, mb) -> None:
+    layer = TTTMLP(head_dim * 2, 2, mini_batch_size=mb)
+    out, st = layer(torch.randn(1, 70, head_dim * 2))
+    assert out.shape == (1, 70, head_dim * 2) and torch.isfinite(out).all()
+    assert int(st.inner.pos[0]) == 70 % mb
+
+
+def test_official_parameter_names() -> None:
+    names = dict(TTTLayer(32, 4, "mlp", share_qk=True, use_gate=True).named_parameters())
+    for n in ["q_proj.weight", "v_proj.weight", "o_proj.weight", "g_proj.weight", "conv_q.weight", "conv_q.bias",
+              "conv_k.weight", "conv_k.bias", "learnable_ttt_lr_weight", "learnable_ttt_lr_bias",
+              "learnable_token_idx", "ttt_norm_weight", "ttt_norm_bias", "post_norm.weight", "post_norm.bias",
+              "W1", "b1", "W2", "b2"]:
+        assert n in names, n
+    assert "k_proj.weight" not in names
+    assert names["W1"].shape == (4, 8, 32) and names["W2"].shape == (4, 32, 8)
+    assert names["learnable_ttt_lr_weight"].shape == (4, 1, 32) and names["b1"].shape == (4, 1, 32)
+
+
+def test_state_helpers() -> None:
+    layer = TTTLinear(32, 4, mini_batch_size=4, share_qk=True)
+    _, st = layer(torch.randn(3, 6, 32))
+    sub = st.index_select(torch.tensor([2, 0]))
+    assert isinstance(sub, TTTLayerState) and sub.batch_size == 2
+    torch.testing.assert_close(sub.inner.W1[0], st.inner.W1[2])
+    torch.testing.assert_close(sub.conv_q[1], st.conv_q[0])
+    assert not st.detach().inner.W1.requires_grad
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        TTTLinear(30, 4)
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        TTTLinear(32, 4, mini_batch_size=0)
+    with pytest.raises(ValueError, match="ttt_layer_type"):
+        TTTLayer(32, 4, "conv")
+    layer = TTTLinear(32, 4, mini_batch_size=4)
+    with pytest.raises(ValueError, match="expects input"):
+        layer(torch.randn(5, 32))
+    with pytest.raises(ValueError, match="does not match hidden_size"):
+        layer(torch.randn(1, 5, 16))
+    _, st = layer(torch.randn(2, 5, 32))
+    with pytest.raises(ValueError, match="state does not fit"):
+        layer(torch.randn(3, 5, 32), st)
+    with pytest.raises(ValueError, match="state does not fit"):
+        TTTMLP(32, 4, mini_batch_size=4)(torch.randn(2, 5, 32), st)
+    with pytest.raises(ValueError, match="state dtype"):
+        layer.double()(torch.randn(2, 5, 32, dtype=torch.float64), st)
+    with pytest.raises(ValueError, match="lengths must be"):
+        layer.float()(torch.randn(2, 5, 32), lengths=torch.tensor([1.0, 2.0]))
