@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .functional import gelu_tanh, gelu_tanh_backward, layer_norm, ln_l2_grad
+from .functional import gelu_tanh, gelu_tanh_backward, layer_norm, ln_l2_grad_shifted
 from .state import InnerState
 
 
@@ -71,27 +71,38 @@ def _unalign(y: Tensor, starts: Tensor, lengths: Tensor, length: int) -> Tensor:
     return torch.where(valid, out, torch.zeros((), dtype=y.dtype, device=y.device))
 
 
-def _scan_linear(carry: tuple[Tensor, ...], kq: Tensor, tgt: Tensor, a: Tensor, lr: Tensor,
-                 coef: Tensor, ln_w: Tensor | None, ln_b: Tensor | None, complete: Tensor | None, first: bool
+def _scan_linear(carry: tuple[Tensor, ...], kq: Tensor, shift: Tensor, a: Tensor, lr: Tensor, lr_last: Tensor,
+                 coef: Tensor, ln_w: Tensor | None, complete: Tensor | None, first: bool
                  ) -> tuple[Tensor, ...]:
-    """Scan TTT-Linear over ``n`` mini-batches. Inputs are ``[n, BH, b, *]`` (``kq``: keys then queries,
-    ``[n, BH, 2b, F]``); returns ``(Zbar, *carry)``."""
+    """Scan TTT-Linear over ``n`` mini-batches; returns ``(Zbar, W, b, gW, gb)``.
+
+    Per mini-batch: ``kq [BH, 2b, F]`` keys then queries, ``shift = ln_b - target`` (or ``-target``
+    without LayerNorm), ``a = E * (Q K^T + 1)``, ``lr [BH, b, 1]`` and ``lr_last = coef_{b-1} * lr``.
+    """
     w, bias, gw, gb = carry
-    mb = tgt.shape[-2]
+    mb = shift.shape[-2]
     coef_last = coef[-1]
     coef_col = coef.view(-1, 1)
     outs = []
     # unbind once: indexing inside the loop would make autograd scatter into full-size zeros each step
-    for i, (kqi, ti, ai, lri) in enumerate(zip(*(t.unbind(0) for t in (kq, tgt, a, lr)))):
-        ki, qi = kqi[:, :mb], kqi[:, mb:]  # lri: [BH, 1, b]
+    steps = zip(*(t.unbind(0) for t in (kq, shift, a, lr, lr_last)))
+    for i, (kqi, si, ai, lri, lli) in enumerate(steps):
+        ki = kqi[:, :mb]
         zz = torch.baddbmm(bias, kqi, w)
-        g = ln_l2_grad(zz[:, :mb], ti, ln_w, ln_b) if ln_w is not None else zz[:, :mb] - ti
-        zq = zz[:, mb:] - torch.bmm(ai, g)
-        if first and i == 0:  # tokens of the open mini-batch seen in earlier calls
-            zq = zq - coef_col * (torch.bmm(qi, gw) + gb)
+        g = ln_l2_grad_shifted(zz[:, :mb], si, ln_w) if ln_w is not None else zz[:, :mb] + si
+        zq = torch.baddbmm(zz[:, mb:], ai, g, alpha=-1.0)
+        carried = first and i == 0  # tokens of the open mini-batch seen in earlier calls
+        if carried:
+            zq = zq - coef_col * (torch.bmm(kqi[:, mb:], gw) + gb)
         outs.append(zq)
-        gw_new = torch.baddbmm(gw, ki.transpose(1, 2), lri.transpose(1, 2) * g)
-        gb_new = gb + torch.bmm(lri, g)
+        if complete is None and not carried:  # nothing accumulated: step the weights directly
+            lg = lli * g
+            w = torch.baddbmm(w, ki.transpose(1, 2), lg, alpha=-1.0)
+            bias = bias - lg.sum(1, keepdim=True)
+            continue
+        lg = lri * g
+        gw_new = torch.baddbmm(gw, ki.transpose(1, 2), lg)
+        gb_new = gb + lg.sum(1, keepdim=True)
         if complete is None:
             w, bias = w - coef_last * gw_new, bias - coef_last * gb_new
             gw, gb = torch.zeros_like(gw), torch.zeros_like(gb)
@@ -104,37 +115,37 @@ def _scan_linear(carry: tuple[Tensor, ...], kq: Tensor, tgt: Tensor, a: Tensor, 
     return (torch.stack(outs), w, bias, gw, gb)
 
 
-def _scan_mlp(carry: tuple[Tensor, ...], kq: Tensor, tgt: Tensor, a: Tensor, e: Tensor, lr: Tensor,
-              coef: Tensor, ln_w: Tensor, ln_b: Tensor, complete: Tensor | None, first: bool
+def _scan_mlp(carry: tuple[Tensor, ...], kq: Tensor, shift: Tensor, a: Tensor, e: Tensor, lr: Tensor,
+              coef: Tensor, ln_w: Tensor, complete: Tensor | None, first: bool
               ) -> tuple[Tensor, ...]:
     """Scan TTT-MLP over ``n`` mini-batches (dual form applied layer by layer)."""
     w1, b1, w2, b2, gw1, gb1, gw2, gb2 = carry
-    mb = tgt.shape[-2]
+    mb = shift.shape[-2]
     coef_last = coef[-1]
     coef_col = coef.view(-1, 1)
     outs = []
-    for i, (kqi, ti, ai, ei, lri) in enumerate(zip(*(t.unbind(0) for t in (kq, tgt, a, e, lr)))):
+    for i, (kqi, si, ai, ei, lri) in enumerate(zip(*(t.unbind(0) for t in (kq, shift, a, e, lr)))):
         ki, qi = kqi[:, :mb], kqi[:, mb:]
         zz1 = torch.baddbmm(b1, kqi, w1)
         z1 = zz1[:, :mb]
         x2 = gelu_tanh(z1)
         z2 = torch.baddbmm(b2, x2, w2)
-        g2 = ln_l2_grad(z2, ti, ln_w, ln_b)
+        g2 = ln_l2_grad_shifted(z2, si, ln_w)
         g1 = gelu_tanh_backward(torch.bmm(g2, w2.transpose(1, 2)), z1)
-        zb1 = zz1[:, mb:] - torch.bmm(ai, g1)
+        zb1 = torch.baddbmm(zz1[:, mb:], ai, g1, alpha=-1.0)
         if first and i == 0:
             zb1 = zb1 - coef_col * (torch.bmm(qi, gw1) + gb1)
         xb2 = gelu_tanh(zb1)
         a2 = ei * (torch.bmm(xb2, x2.transpose(1, 2)) + 1.0)
-        zb2 = torch.baddbmm(b2, xb2, w2) - torch.bmm(a2, g2)
+        zb2 = torch.baddbmm(torch.baddbmm(b2, xb2, w2), a2, g2, alpha=-1.0)
         if first and i == 0:
             zb2 = zb2 - coef_col * (torch.bmm(xb2, gw2) + gb2)
         outs.append(zb2)
-        lr_col = lri.transpose(1, 2)
-        gw1_new = torch.baddbmm(gw1, ki.transpose(1, 2), lr_col * g1)
-        gb1_new = gb1 + torch.bmm(lri, g1)
-        gw2_new = torch.baddbmm(gw2, x2.transpose(1, 2), lr_col * g2)
-        gb2_new = gb2 + torch.bmm(lri, g2)
+        lg1, lg2 = lri * g1, lri * g2
+        gw1_new = torch.baddbmm(gw1, ki.transpose(1, 2), lg1)
+        gb1_new = gb1 + lg1.sum(1, keepdim=True)
+        gw2_new = torch.baddbmm(gw2, x2.transpose(1, 2), lg2)
+        gb2_new = gb2 + lg2.sum(1, keepdim=True)
         news = (gw1_new, gb1_new, gw2_new, gb2_new)
         if complete is None:
             w1, b1, w2, b2 = (p - coef_last * s for p, s in zip((w1, b1, w2, b2), news))
@@ -205,15 +216,17 @@ def ttt_dual(
 
     k, q, v = grid(ak), grid(aq), grid(av)
     lr_g = alr.reshape(bh, n_mb, 1, mb).transpose(0, 1)  # [n_mb, BH, 1, b]
+    lr_col = lr_g.transpose(-1, -2)  # [n_mb, BH, b, 1]
     if not ln_residual and state.is_mlp:
         raise ValueError("ln_residual=False is only defined for TTT-Linear")
     tgt = v - k if ln_residual else v
+    shift = (ln_b.view(1, heads, 1, f).expand(bsz, heads, 1, f).reshape(1, bh, 1, f) - tgt if ln_residual
+             else -tgt)
     kq = torch.cat([k, q], dim=-2)  # one matmul with the weights gives both K W and Q W
     tril = torch.ones(mb, mb, dtype=torch.bool, device=device).tril()
     e = torch.where(tril, coef.view(mb, 1) * lr_g, torch.zeros((), dtype=cd, device=device))  # [n, BH, b, b]
     a1 = e * (torch.matmul(q, k.transpose(-1, -2)) + 1.0)
     lnw = ln_w.view(1, heads, 1, f).expand(bsz, heads, 1, f).reshape(bh, 1, f)
-    lnb = ln_b.view(1, heads, 1, f).expand(bsz, heads, 1, f).reshape(bh, 1, f)
 
     # complete[m, r]: row r fills mini-batch m entirely, so its weights move on at the boundary.
     bounds = (torch.arange(n_mb, device=device) + 1) * mb
@@ -227,6 +240,7 @@ def ttt_dual(
 
     carry = tuple(flat(t) for t in state.weights() + state.grads())
     is_mlp = state.is_mlp
+    lr_last = coef[-1] * lr_col
     group = remat_group_size if remat_group_size > 0 else n_mb
     zbars = []
     for g0 in range(0, n_mb, group):
@@ -234,11 +248,11 @@ def ttt_dual(
         comp = None if complete is None else complete[sl]
         first = g0 == 0 and s_max > 0
         if is_mlp:
-            args = (kq[sl], tgt[sl], a1[sl], e[sl], lr_g[sl], coef, lnw, lnb, comp, first)
+            args = (kq[sl], shift[sl], a1[sl], e[sl], lr_col[sl], coef, lnw, comp, first)
             fn = _scan_mlp
         else:
-            args = (kq[sl], tgt[sl], a1[sl], lr_g[sl], coef, lnw if ln_residual else None,
-                    lnb if ln_residual else None, comp, first)
+            args = (kq[sl], shift[sl], a1[sl], lr_col[sl], lr_last[sl], coef, lnw if ln_residual else None,
+                    comp, first)
             fn = _scan_linear
         if remat_group_size > 0 and torch.is_grad_enabled():
             res = checkpoint(fn, carry, *args, use_reentrant=False)

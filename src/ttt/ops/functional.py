@@ -42,9 +42,14 @@ def ln_l2_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: flo
     Equal to :func:`ln_l2_grad_closed_form`, computed with PyTorch's fused LayerNorm kernels (fewer
     small kernels inside the scan; both are differentiable for the outer backward).
     """
+    return ln_l2_grad_shifted(z, bias - target, weight, eps)
+
+
+def ln_l2_grad_shifted(z: Tensor, shift: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """:func:`ln_l2_grad` with ``shift = bias - target`` precomputed (saves one kernel in the scan)."""
     f = z.shape[-1]
     xhat, mean, rstd = torch.ops.aten.native_layer_norm(z, [f], None, None, eps)
-    gy = weight * torch.addcmul(bias - target, xhat, weight)
+    gy = weight * torch.addcmul(shift, xhat, weight)
     mask = [True, False, False]
     return torch.ops.aten.native_layer_norm_backward(gy, z, [f], mean, rstd, None, None, mask)[0]
 
@@ -76,6 +81,11 @@ def rope_adjacent(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tenso
         raise ValueError(f"rotary embedding needs an even head dim, got {f}")
     inv_freq = theta ** (-torch.arange(0, f, 2, device=x.device, dtype=torch.float64) / f)
     ang = positions.to(torch.float64)[..., None] * inv_freq  # [B, L, F/2]
+    if x.dtype in (torch.float32, torch.float64):  # one complex multiply: (x0 + i x1) * e^{i ang}
+        rot = torch.polar(torch.ones_like(ang), ang).to(torch.complex64 if x.dtype == torch.float32
+                                                         else torch.complex128)
+        xc = torch.view_as_complex(x.reshape(*x.shape[:-1], f // 2, 2).contiguous())
+        return torch.view_as_real(xc * rot[:, None]).flatten(-2)
     cos = ang.cos().to(x.dtype)[:, None]
     sin = ang.sin().to(x.dtype)[:, None]
     x0, x1 = x[..., 0::2], x[..., 1::2]

@@ -1,0 +1,1 @@
+"""Speed benchmarks (run with ``ttt bench``); each module has ``main(argv)`` and writes JSON + a table."""
