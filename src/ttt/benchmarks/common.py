@@ -86,7 +86,9 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_results(name: str, payload: dict[str, Any], table: str, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+def write_results(
+    name: str, payload: dict[str, Any], table: str, out_dir: Path = RESULTS_DIR
+) -> tuple[Path, Path]:
     """Write ``<name>.json`` and ``<name>.md`` (the markdown table plus the command) atomically."""
     jpath, mpath = out_dir / f"{name}.json", out_dir / f"{name}.md"
     write_atomic(jpath, json.dumps(payload, indent=2) + "\n")

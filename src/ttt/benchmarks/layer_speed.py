@@ -47,8 +47,8 @@ class CausalSelfAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, n, self.num_heads, -1).transpose(1, 2)
 
-        y = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)),
-                                           is_causal=True)
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(b, n, d)), None
 
 
@@ -86,11 +86,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, layer in layers.items():
                 layer.train()
 
-                def fwd(layer=layer) -> None:
+                def fwd(layer=layer, x=x) -> None:
                     with torch.no_grad():
                         layer(x)
 
-                def fwd_bwd(layer=layer) -> None:
+                def fwd_bwd(layer=layer, x=x) -> None:
                     out, _ = layer(x)
                     out.float().square().mean().backward()
 
