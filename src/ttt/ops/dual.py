@@ -71,29 +71,27 @@ def _unalign(y: Tensor, starts: Tensor, lengths: Tensor, length: int) -> Tensor:
     return torch.where(valid, out, torch.zeros((), dtype=y.dtype, device=y.device))
 
 
-def _scan_linear(carry: tuple[Tensor, ...], kq: Tensor, shift: Tensor, a: Tensor, lr: Tensor, lr_last: Tensor,
-                 coef: Tensor, ln_w: Tensor | None, complete: Tensor | None, first: bool
+def _scan_linear(carry: tuple[Tensor, ...], k: Tensor, q: Tensor, shift: Tensor, a: Tensor, lr: Tensor,
+                 lr_last: Tensor, coef: Tensor, ln_w: Tensor | None, complete: Tensor | None, first: bool
                  ) -> tuple[Tensor, ...]:
     """Scan TTT-Linear over ``n`` mini-batches; returns ``(Zbar, W, b, gW, gb)``.
 
-    Per mini-batch: ``kq [BH, 2b, F]`` keys then queries, ``shift = ln_b - target`` (or ``-target``
+    Per mini-batch: keys and queries ``[BH, b, F]``, ``shift = ln_b - target`` (or ``-target``
     without LayerNorm), ``a = E * (Q K^T + 1)``, ``lr [BH, b, 1]`` and ``lr_last = coef_{b-1} * lr``.
     """
     w, bias, gw, gb = carry
-    mb = shift.shape[-2]
     coef_last = coef[-1]
     coef_col = coef.view(-1, 1)
     outs = []
     # unbind once: indexing inside the loop would make autograd scatter into full-size zeros each step
-    steps = zip(*(t.unbind(0) for t in (kq, shift, a, lr, lr_last)))
-    for i, (kqi, si, ai, lri, lli) in enumerate(steps):
-        ki = kqi[:, :mb]
-        zz = torch.baddbmm(bias, kqi, w)
-        g = ln_l2_grad_shifted(zz[:, :mb], si, ln_w) if ln_w is not None else zz[:, :mb] + si
-        zq = torch.baddbmm(zz[:, mb:], ai, g, alpha=-1.0)
+    steps = zip(*(t.unbind(0) for t in (k, q, shift, a, lr, lr_last)))
+    for i, (ki, qi, si, ai, lri, lli) in enumerate(steps):
+        z = torch.baddbmm(bias, ki, w)
+        g = ln_l2_grad_shifted(z, si, ln_w) if ln_w is not None else z + si
+        zq = torch.baddbmm(torch.baddbmm(bias, qi, w), ai, g, alpha=-1.0)
         carried = first and i == 0  # tokens of the open mini-batch seen in earlier calls
         if carried:
-            zq = zq - coef_col * (torch.bmm(kqi[:, mb:], gw) + gb)
+            zq = zq - coef_col * (torch.bmm(qi, gw) + gb)
         outs.append(zq)
         if complete is None and not carried:  # nothing accumulated: step the weights directly
             lg = lli * g
@@ -251,8 +249,8 @@ def ttt_dual(
             args = (kq[sl], shift[sl], a1[sl], e[sl], lr_col[sl], coef, lnw, comp, first)
             fn = _scan_mlp
         else:
-            args = (kq[sl], shift[sl], a1[sl], lr_col[sl], lr_last[sl], coef, lnw if ln_residual else None,
-                    comp, first)
+            args = (k[sl], q[sl], shift[sl], a1[sl], lr_col[sl], lr_last[sl], coef,
+                    lnw if ln_residual else None, comp, first)
             fn = _scan_linear
         if remat_group_size > 0 and torch.is_grad_enabled():
             res = checkpoint(fn, carry, *args, use_reentrant=False)

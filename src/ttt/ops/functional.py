@@ -29,11 +29,8 @@ def gelu_tanh_backward(grad: Tensor, x: Tensor) -> Tensor:
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
-    """LayerNorm over the last dimension with explicit (broadcastable) affine parameters."""
-    mu = x.mean(-1, keepdim=True)
-    xc = x - mu
-    var = (xc * xc).mean(-1, keepdim=True)
-    return xc * torch.rsqrt(var + eps) * weight + bias
+    """LayerNorm over the last dimension with explicit (broadcastable, e.g. per-head) affine parameters."""
+    return torch.addcmul(bias, F.layer_norm(x, x.shape[-1:], eps=eps), weight)
 
 
 def ln_l2_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
