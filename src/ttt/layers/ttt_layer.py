@@ -199,8 +199,7 @@ class TTTLayer(nn.Module):
             return
         if not isinstance(state, TTTLayerState):
             raise TypeError(f"state must be a TTTLayerState, got {type(state).__name__}")
-        expected = self.init_state(0, device="meta")
-        want = (bsz, *expected.inner.W1.shape[1:])
+        want = (bsz, *self.W1.shape)
         if tuple(state.inner.W1.shape) != want or state.inner.is_mlp != (self.ttt_layer_type == "mlp"):
             raise ValueError(f"state does not fit this layer/input: state.inner.W1 has shape "
                              f"{tuple(state.inner.W1.shape)}, expected {want} ({self.ttt_layer_type})")
