@@ -1,0 +1,227 @@
+"""Decode speed: ms per generated token after long prompts, TTT (constant-size state) vs Llama (KV cache).
+
+For a 125m-size TTT-Linear and TTT-MLP language model and a ``transformers`` LlamaForCausalLM of the
+same size (width 768, 12 layers, 12 heads, FFN 2048, vocab 32000), at batch 1 and 16, after prompts of
+1k, 4k, 16k and 32k tokens: the prefill throughput (tokens/s, the prompt fed in chunks through the
+cache) and the decode time per token (one token per forward with the cache). TTT's decode cost and
+cache size should be flat in the prompt length; Llama's grow with it.
+
+Settings that would not fit are skipped and reported as such (``status: "skipped"`` with the reason):
+a Llama KV cache above ``--max-cache-gb``, or a prefill whose time, extrapolated from the previous
+prompt length of the same model and batch, exceeds ``--max-prefill-s``.
+
+    python -m ttt.benchmarks.decode_speed                                   # the full run (slow on CPU)
+    python -m ttt.benchmarks.decode_speed --preset tiny --prompt-lens 64 128 --batches 1 2 \
+        --decode-tokens 4 --out /tmp/x                                      # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models import TTTCache, TTTForCausalLM
+from ..models.presets import get_config
+from .common import RESULTS_DIR, machine_info, markdown_table, sync, write_results
+
+MODELS = ("ttt-linear", "ttt-mlp", "llama")
+
+
+def build_model(kind: str, preset: str, dtype: torch.dtype, device: str, max_len: int) -> nn.Module:
+    """A randomly initialised model of the preset's size: TTT (linear / mlp) or Llama with the same shape."""
+    ttt_cfg = get_config(preset, ttt_layer_type="mlp" if kind == "ttt-mlp" else "linear")
+    if kind.startswith("ttt"):
+        model: nn.Module = TTTForCausalLM(ttt_cfg)
+    elif kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(
+            vocab_size=ttt_cfg.vocab_size,
+            hidden_size=ttt_cfg.hidden_size,
+            intermediate_size=ttt_cfg.intermediate_size,
+            num_hidden_layers=ttt_cfg.num_hidden_layers,
+            num_attention_heads=ttt_cfg.num_attention_heads,
+            num_key_value_heads=ttt_cfg.num_attention_heads,
+            max_position_embeddings=max(max_len, 2048),
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+        )
+        cfg._attn_implementation = "sdpa"
+        model = LlamaForCausalLM(cfg)
+    else:
+        raise ValueError(f"unknown model {kind!r}; choose from {MODELS}")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _new_cache(kind: str, model: nn.Module) -> Any:
+    if kind.startswith("ttt"):
+        return TTTCache(model.config.num_hidden_layers)
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def _cache_bytes(cache: Any) -> int:
+    if isinstance(cache, TTTCache):
+        return cache.memory_bytes()
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def kv_cache_bytes(model: nn.Module, batch: int, length: int, dtype: torch.dtype) -> int:
+    """Bytes of a full KV cache of ``length`` tokens for a Llama model."""
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * batch * length * cfg.num_key_value_heads * head_dim * elem
+
+
+@torch.inference_mode()
+def measure(kind: str, model: nn.Module, batch: int, prompt_len: int, decode_tokens: int, chunk: int,
+            device: str, seed: int = 0) -> dict[str, Any]:
+    """Prefill a random prompt in chunks, then decode ``decode_tokens`` tokens greedily; time both."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
+    cache = _new_cache(kind, model)
+    sync(device)
+    t0 = time.perf_counter()
+    logits = None
+    for start in range(0, prompt_len, chunk):
+        out = model(input_ids=prompt[:, start:start + chunk], past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits
+    sync(device)
+    prefill_s = time.perf_counter() - t0
+    bytes_after_prefill = _cache_bytes(cache)
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    times = []
+    for step in range(decode_tokens + 2):  # two warm-up steps
+        sync(device)
+        t1 = time.perf_counter()
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync(device)
+        if step >= 2:
+            times.append(time.perf_counter() - t1)
+    return {
+        "prefill_s": prefill_s,
+        "prefill_tokens_per_s": batch * prompt_len / prefill_s,
+        "decode_ms_per_token": 1000 * statistics.median(times),
+        "decode_ms_per_token_mean": 1000 * statistics.fmean(times),
+        "cache_bytes": bytes_after_prefill,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lens = sorted(args.prompt_lens)
+    max_len = max(lens) + args.decode_tokens + 4
+    records: list[dict[str, Any]] = []
+    for kind in args.models:
+        torch.manual_seed(0)
+        model = build_model(kind, args.preset, dtype, args.device, max_len)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{kind}: {n_params / 1e6:.1f}M parameters", flush=True)
+        for batch in args.batches:
+            prev: tuple[int, float] | None = None
+            for length in lens:
+                rec: dict[str, Any] = {"model": kind, "params": n_params, "batch": batch,
+                                       "prompt_len": length}
+                reason = None
+                if kind == "llama":
+                    need = kv_cache_bytes(model, batch, length + args.decode_tokens + 2, dtype)
+                    if need > args.max_cache_gb * 2**30:
+                        reason = (f"KV cache would need {need / 2**30:.1f} GiB > --max-cache-gb "
+                                  f"{args.max_cache_gb}")
+                if reason is None and prev is not None:
+                    exponent = 1.0 if kind.startswith("ttt") else 1.5
+                    estimate = prev[1] * (length / prev[0]) ** exponent
+                    if estimate > args.max_prefill_s:
+                        reason = (f"prefill estimated at {estimate:.0f} s (from {prev[0]} tokens) > "
+                                  f"--max-prefill-s {args.max_prefill_s}")
+                if reason is not None:
+                    rec.update(status="skipped", reason=reason)
+                else:
+                    try:
+                        rec.update(measure(kind, model, batch, length, args.decode_tokens, args.prefill_chunk,
+                                           args.device))
+                        rec["status"] = "ok"
+                        prev = (length, rec["prefill_s"])
+                    except (RuntimeError, MemoryError) as err:  # out of memory
+                        rec.update(status="skipped", reason=f"failed: {type(err).__name__}: {str(err)[:200]}")
+                records.append(rec)
+                print({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}, flush=True)
+                gc.collect()
+                if torch.device(args.device).type == "cuda":
+                    torch.cuda.empty_cache()
+        del model
+        gc.collect()
+    return {
+        "benchmark": "decode_speed",
+        "machine": machine_info(args.device),
+        "settings": {"preset": args.preset, "dtype": args.dtype, "prompt_lens": lens, "batches": args.batches,
+                     "decode_tokens": args.decode_tokens, "prefill_chunk": args.prefill_chunk,
+                     "max_cache_gb": args.max_cache_gb, "max_prefill_s": args.max_prefill_s},
+        "results": records,
+    }
+
+
+def table(payload: dict[str, Any]) -> str:
+    """Markdown: one row per (model, batch, prompt length)."""
+    rows = []
+    for r in payload["results"]:
+        if r["status"] == "ok":
+            rows.append([r["model"], r["batch"], r["prompt_len"], r["decode_ms_per_token"],
+                         r["prefill_tokens_per_s"], r["cache_bytes"] / 2**20, "ok"])
+        else:
+            rows.append([r["model"], r["batch"], r["prompt_len"], "-", "-", "-", "skipped: " + r["reason"]])
+    return markdown_table(["model", "batch", "prompt tokens", "decode ms/token", "prefill tokens/s",
+                           "cache MiB", "status"], rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--preset", default="125m", help="model size (ttt.models.presets name)")
+    p.add_argument("--prompt-lens", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps (after 2 warm-up steps)")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill forward")
+    p.add_argument("--max-cache-gb", type=float, default=24.0,
+                   help="skip Llama settings whose KV cache is larger")
+    p.add_argument("--max-prefill-s", type=float, default=1800.0,
+                   help="skip settings whose extrapolated prefill time is longer")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = p.parse_args(argv)
+    if min(args.prompt_lens) < 1 or min(args.batches) < 1 or args.prefill_chunk < 1 or args.decode_tokens < 1:
+        p.error("prompt lengths, batches, --prefill-chunk and --decode-tokens must be >= 1")
+    payload = run(args)
+    payload["command"] = "python -m ttt.benchmarks.decode_speed " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    text = table(payload)
+    write_results("decode_speed", payload, text, args.out)
+    print(text)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

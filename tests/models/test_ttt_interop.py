@@ -1,0 +1,103 @@
+"""ttt.interop: the official PyTorch port's state-dict / config naming (spec §9)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ttt_model_helpers import VOCAB, build_model
+
+from ttt.interop import (
+    OfficialCheckpointError,
+    config_from_official,
+    export_official,
+    load_official,
+    load_official_pretrained,
+    official_param_shapes,
+    save_official,
+)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_export_import_roundtrip_same_logits(variant, tie, tmp_path) -> None:
+    model = build_model(*variant, tie_word_embeddings=tie)
+    state, config = export_official(model)
+    loaded = load_official(state, config)
+    x = torch.randint(0, VOCAB, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    save_official(model, tmp_path)
+    again = load_official_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, model(x).logits, rtol=0, atol=0)
+    assert (again.lm_head.weight is again.model.embed_tokens.weight) == tie
+
+
+def test_official_names_and_shapes_are_exactly_spec_section_9() -> None:
+    """Hand-written from the spec: TTT-MLP with shared Q/K, gate and pre-conv, and TTT-Linear without."""
+    d, h, f, b, k, ffn, v = 32, 4, 8, 4, 4, 64, VOCAB
+    model = build_model("mlp", "mamba", num_hidden_layers=1)
+    state, config = export_official(model)
+    s = "model.layers.0.seq_modeling_block."
+    expected = {
+        "model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d),
+        "model.layers.0.seq_norm.weight": (d,), "model.layers.0.ffn_norm.weight": (d,),
+        "model.layers.0.mlp.gate_proj.weight": (ffn, d), "model.layers.0.mlp.up_proj.weight": (ffn, d),
+        "model.layers.0.mlp.down_proj.weight": (d, ffn),
+        "model.layers.0.conv.norm.weight": (d,), "model.layers.0.conv.conv.weight": (d, 1, k),
+        "model.layers.0.conv.conv.bias": (d,),
+        s + "q_proj.weight": (d, d), s + "v_proj.weight": (d, d), s + "o_proj.weight": (d, d),
+        s + "g_proj.weight": (d, d),
+        s + "conv_q.weight": (d, 1, k), s + "conv_q.bias": (d,), s + "conv_k.weight": (d, 1, k),
+        s + "conv_k.bias": (d,),
+        s + "learnable_ttt_lr_weight": (h, 1, d), s + "learnable_ttt_lr_bias": (h, 1),
+        s + "learnable_token_idx": (b,), s + "ttt_norm_weight": (h, f), s + "ttt_norm_bias": (h, f),
+        s + "post_norm.weight": (d,), s + "post_norm.bias": (d,),
+        s + "W1": (h, f, 4 * f), s + "b1": (h, 1, 4 * f), s + "W2": (h, 4 * f, f), s + "b2": (h, 1, f),
+    }
+    assert {key: tuple(t.shape) for key, t in state.items()} == expected
+    assert official_param_shapes(config) == expected
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "rms_norm_eps", "tie_word_embeddings", "rope_theta", "use_gate",
+                  "share_qk", "ttt_layer_type", "ttt_base_lr", "mini_batch_size", "pre_conv", "conv_kernel"):
+        assert field in config, field
+    assert config["ttt_layer_type"] == "mlp"
+    assert config["share_qk"] and config["pre_conv"] and config["use_gate"]
+
+    linear = build_model("linear", "transformer", num_hidden_layers=1)
+    lstate, _ = export_official(linear)
+    assert tuple(lstate[s + "W1"].shape) == (h, f, f) and tuple(lstate[s + "b1"].shape) == (h, 1, f)
+    assert tuple(lstate[s + "k_proj.weight"].shape) == (d, d)
+    for absent in ("W2", "b2", "g_proj.weight", "conv_q.weight", "conv_k.weight"):
+        assert s + absent not in lstate
+    assert "model.layers.0.conv.conv.weight" not in lstate
+
+
+def test_tied_checkpoint_without_lm_head_loads() -> None:
+    model = build_model(tie_word_embeddings=True)
+    state, config = export_official(model)
+    state.pop("lm_head.weight")
+    loaded = load_official(state, config)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_clear_errors() -> None:
+    model = build_model("mlp", "mamba")
+    state, config = export_official(model)
+    bad = dict(state)
+    bad.pop("model.layers.1.seq_modeling_block.W2")
+    with pytest.raises(OfficialCheckpointError, match=r"missing keys .*W2"):
+        load_official(bad, config)
+    bad = {**state, "model.layers.0.extra.weight": torch.zeros(1)}
+    with pytest.raises(OfficialCheckpointError, match=r"unexpected keys .*extra"):
+        load_official(bad, config)
+    bad = {**state, "model.layers.0.seq_modeling_block.W1": torch.zeros(4, 8, 8)}
+    with pytest.raises(OfficialCheckpointError, match=r"shape mismatches .*W1"):
+        load_official(bad, config)
+    with pytest.raises(OfficialCheckpointError, match="unknown ttt_layer_type"):
+        load_official(state, {**config, "ttt_layer_type": "transformer"})
+    with pytest.raises(OfficialCheckpointError, match="lacks the fields"):
+        config_from_official({"hidden_size": 32})
+    # a TTT-Linear config against TTT-MLP weights
+    with pytest.raises(OfficialCheckpointError, match="W2"):
+        load_official(state, {**config, "ttt_layer_type": "linear"})
+    assert issubclass(OfficialCheckpointError, ValueError)
