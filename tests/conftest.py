@@ -1,7 +1,13 @@
-"""Shared pytest setup: deterministic seeds and a small thread count (CI has 2 cores)."""
+"""Shared pytest setup: deterministic seeds, one torch thread per test process.
+
+The suite runs as 2 xdist workers on 2 cores; letting each worker spawn 2 OpenMP threads
+oversubscribes the CPU and makes small ops tens of times slower.
+"""
 
 import pytest
 import torch
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

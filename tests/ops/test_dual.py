@@ -203,3 +203,32 @@ def test_causal_conv_streaming_and_lengths() -> None:
     _, st_pad = causal_conv1d(xp, w, b, lengths=torch.tensor([5, 5]))
     _, st_ref = causal_conv1d(x[:, :5], w, b)
     torch.testing.assert_close(st_pad, st_ref)
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_one_token_step_equals_dual(mlp) -> None:
+    """The decoding step (primal form) equals the dual form for one token, from every position in the
+    mini-batch (rows at different positions, one padded row), outputs, states and gradients."""
+    from ttt.ops import ttt_step
+
+    mb = 4
+    args, weights = make_inputs(5, 2, 1, 8, mb, mlp, seed=10)
+    pre, _ = make_inputs(5, 2, 7, 8, mb, mlp, seed=11)
+    state = InnerState.from_weights(weights, 5)
+    _, state = ttt_dual(*pre[:4], *args[4:], state, lengths=torch.tensor([0, 1, 2, 3, 7]))
+    assert state.pos.tolist() == [0, 1, 2, 3, 3]
+    lengths = torch.tensor([1, 1, 1, 1, 0])
+    leaves = [t.clone().requires_grad_() for t in args]
+    results = []
+    for fn in (ttt_dual, ttt_step):
+        for t in leaves:
+            t.grad = None
+        out, st = fn(*leaves, state, lengths=lengths)
+        (out.square().sum() + sum(w.square().sum() for w in st.weights() + st.grads())).backward()
+        results.append((out.detach(), st, [t.grad.clone() for t in leaves]))
+    (o1, s1, g1), (o2, s2, g2) = results
+    torch.testing.assert_close(o2, o1, **F64)
+    assert_states_close(s2, s1, **F64)
+    for a, b in zip(g2, g1, strict=True):
+        torch.testing.assert_close(a, b, **F64)
+    assert s2.pos.tolist() == [1, 2, 3, 0, 3]

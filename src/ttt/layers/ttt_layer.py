@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.conv import causal_conv1d
+from ..ops.decode import ttt_step
 from ..ops.dual import ttt_dual
 from ..ops.functional import gelu_tanh, rope_adjacent, token_coefficients
 from ..ops.reference import ttt_reference
@@ -250,6 +251,9 @@ class TTTLayer(nn.Module):
         if self.impl == "reference":
             out, inner = ttt_reference(xq, xk, xv, lr, coef, self.ttt_norm_weight, self.ttt_norm_bias,
                                        state.inner, lengths)
+        elif length == 1:  # decoding: the primal one-token step beats the dual form's set-up
+            out, inner = ttt_step(xq, xk, xv, lr, coef, self.ttt_norm_weight, self.ttt_norm_bias,
+                                  state.inner, lengths)
         else:
             out, inner = ttt_dual(xq, xk, xv, lr, coef, self.ttt_norm_weight, self.ttt_norm_bias,
                                   state.inner, lengths, self.remat_group_size if self.training else 0)
