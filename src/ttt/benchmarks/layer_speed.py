@@ -122,6 +122,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "heads": args.heads, "mini_batch_size": 16, "results": rows, "memory": memory}
 
 
+def profile_layers(width: int, heads: int, length: int, device: torch.device, top: int = 12) -> str:
+    """Per-operator CPU-time profile of one forward+backward of each TTT layer (markdown)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    parts = []
+    x = torch.randn(1, length, width, device=device)
+    for name, layer in _layers(width, heads, device, 0).items():
+        if name == "attention":
+            continue
+        for _ in range(2):
+            out, _ = layer(x)
+            out.square().mean().backward()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out, _ = layer(x)
+            out.square().mean().backward()
+        rows = []
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        for e in events[:top]:
+            rows.append([e.key, e.count, e.self_cpu_time_total / 1e3, 100 * e.self_cpu_time_total / total])
+        parts.append(f"**{name}**, batch 1, length {length}, forward+backward "
+                     f"(total self CPU {total / 1e3:.0f} ms):\n\n"
+                     + markdown_table(["op", "calls", "self ms", "%"], rows))
+    return "\n\n".join(parts)
+
+
 def table(payload: dict[str, Any]) -> str:
     rows = []
     for r in payload["results"]:
@@ -135,7 +161,10 @@ def table(payload: dict[str, Any]) -> str:
     mem = markdown_table(["layer", "remat group", "length", "saved for backward (MiB)"],
                          [[m["layer"], m["remat_group_size"], m["length"], m["saved_for_backward_MiB"]]
                           for m in payload["memory"]])
-    return f"{t}\n\nMatmul peak: {payload['matmul_peak_gflops']['peak']:.1f} GFLOP/s\n\n{mem}"
+    text = f"{t}\n\nMatmul peak: {payload['matmul_peak_gflops']['peak']:.1f} GFLOP/s\n\n{mem}"
+    if payload.get("profile"):
+        text += "\n\n" + payload["profile"]
+    return text
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -148,9 +177,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--remat", type=int, default=0, help="remat group size for the timed TTT layers (0: off)")
     p.add_argument("--memory-length", type=int, default=8192)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile-length", type=int, default=2048,
+                   help="operator profile at this length (0: off)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     payload = run(args)
+    if args.profile_length:
+        payload["profile"] = profile_layers(args.width, args.heads, args.profile_length,
+                                            torch.device(args.device))
     payload["command"] = "python -m ttt.benchmarks.layer_speed " + " ".join(argv if argv is not None
                                                                              else sys.argv[1:])
     text = table(payload)
