@@ -10,7 +10,8 @@ import itertools
 import pytest
 import torch
 
-from ttt.layers import TTTLayer, TTTLayerState, TTTLinear, TTTMLP
+from ttt.layers import TTTMLP, TTTLayer, TTTLayerState, TTTLinear
+
 
 def assert_rel_close(a: torch.Tensor, b: torch.Tensor, tol: float, msg: str = "") -> None:
     """max|a - b| <= tol * max|b| (relative to the reference's scale)."""
@@ -68,8 +69,8 @@ def test_streaming_chunks_equal_one_call(kind, share_qk, use_gate) -> None:
             outs.append(out)
             prev = c
         torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
-        for a, b in zip(st.inner.weights() + st.inner.grads(), st_full.inner.weights() + st_full.inner.grads(),
-                        strict=True):
+        got, want = st.inner.weights() + st.inner.grads(), st_full.inner.weights() + st_full.inner.grads()
+        for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
         assert torch.equal(st.inner.pos, st_full.inner.pos)
         if share_qk:
@@ -125,9 +126,9 @@ def test_sizes_run(head_dim, mb) -> None:
 
 def test_official_parameter_names() -> None:
     names = dict(TTTLayer(32, 4, "mlp", share_qk=True, use_gate=True).named_parameters())
-    for n in ["q_proj.weight", "v_proj.weight", "o_proj.weight", "g_proj.weight", "conv_q.weight", "conv_q.bias",
-              "conv_k.weight", "conv_k.bias", "learnable_ttt_lr_weight", "learnable_ttt_lr_bias",
-              "learnable_token_idx", "ttt_norm_weight", "ttt_norm_bias", "post_norm.weight", "post_norm.bias",
+    for n in ["q_proj.weight", "v_proj.weight", "o_proj.weight", "g_proj.weight", "conv_q.weight",
+              "conv_q.bias", "conv_k.weight", "conv_k.bias", "learnable_ttt_lr_weight",
+              "learnable_ttt_lr_bias", "learnable_token_idx", "ttt_norm_weight", "ttt_norm_bias", "post_norm.weight", "post_norm.bias",
               "W1", "b1", "W2", "b2"]:
         assert n in names, n
     assert "k_proj.weight" not in names
@@ -166,3 +167,19 @@ def test_bad_inputs_raise_clear_errors() -> None:
         layer.double()(torch.randn(2, 5, 32, dtype=torch.float64), st)
     with pytest.raises(ValueError, match="lengths must be"):
         layer.float()(torch.randn(2, 5, 32), lengths=torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_bf16_autocast_forward_backward(kind) -> None:
+    """Under autocast the projections run in bf16 while the inner loop stays in fp32."""
+    layer = TTTLayer(64, 4, kind, mini_batch_size=8, share_qk=True, use_gate=True)
+    x = torch.randn(2, 21, 64)
+    ref, _ = layer(x)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out, st = layer(x)
+        one, _ = layer(x[:, :1])
+    assert st.inner.W1.dtype == torch.float32
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 3e-2, f"autocast relative error {rel:.3e}"

@@ -248,15 +248,15 @@ class TTTLayer(nn.Module):
         gate_logits = gate_logits + self.learnable_ttt_lr_bias.view(1, h, 1)
         lr = self.ttt_base_lr * torch.sigmoid(gate_logits.to(_inner_dtype(x.dtype))) / f
         coef = token_coefficients(self.learnable_token_idx)
-        if self.impl == "reference":
-            out, inner = ttt_reference(xq, xk, xv, lr, coef, self.ttt_norm_weight, self.ttt_norm_bias,
-                                       state.inner, lengths)
-        elif length == 1:  # decoding: the primal one-token step beats the dual form's set-up
-            out, inner = ttt_step(xq, xk, xv, lr, coef, self.ttt_norm_weight, self.ttt_norm_bias,
-                                  state.inner, lengths)
-        else:
-            out, inner = ttt_dual(xq, xk, xv, lr, coef, self.ttt_norm_weight, self.ttt_norm_bias,
-                                  state.inner, lengths, self.remat_group_size if self.training else 0)
+        # the inner loop runs in the state's dtype (fp32 for half models): keep autocast out of it
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            args = (xq, xk, xv, lr, coef, self.ttt_norm_weight, self.ttt_norm_bias, state.inner, lengths)
+            if self.impl == "reference":
+                out, inner = ttt_reference(*args)
+            elif length == 1:  # decoding: the primal one-token step beats the dual form's set-up
+                out, inner = ttt_step(*args)
+            else:
+                out, inner = ttt_dual(*args, remat_group_size=self.remat_group_size if self.training else 0)
         out = out.to(x.dtype).transpose(1, 2).reshape(bsz, length, self.hidden_size)
         out = self.post_norm(out)
         if self.use_gate:

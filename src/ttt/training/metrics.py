@@ -1,0 +1,122 @@
+"""Metric sinks of a run: ``metrics.jsonl`` (every record), ``metrics.csv`` and TensorBoard."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+CSV_COLUMNS = (
+    "step",
+    "tokens",
+    "split",
+    "loss",
+    "ppl",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "elapsed_s",
+    "ttt_base_lr",
+)
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> None:
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= max_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(k + "\n" for k in kept))
+
+
+def _truncate_csv(path: Path, max_step: int) -> None:
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            try:
+                if int(r["step"]) <= max_step:
+                    w.writerow(r)
+            except (KeyError, ValueError):
+                continue
+
+
+class MetricsLogger:
+    """Writes records to ``run_dir/metrics.jsonl``, ``metrics.csv`` and ``run_dir/tb`` (rank 0 only).
+
+    On resume from step ``s``, records after ``s`` (written by the interrupted run after its last
+    checkpoint, and about to be recomputed) are dropped from the files, and TensorBoard purges them.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        write_csv: bool = True,
+        resume_step: int | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.jsonl = run_dir / "metrics.jsonl"
+        self.csv = run_dir / "metrics.csv" if write_csv else None
+        self.tb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            _truncate_jsonl(self.jsonl, resume_step)
+            if self.csv is not None:
+                _truncate_csv(self.csv, resume_step)
+        else:
+            self.jsonl.write_text("")
+            if self.csv is not None:
+                self.csv.unlink(missing_ok=True)
+        if self.csv is not None and not self.csv.exists():
+            with open(self.csv, "w", newline="") as f:
+                csv.DictWriter(f, fieldnames=CSV_COLUMNS).writeheader()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: jsonl/csv still work
+                SummaryWriter = None  # noqa: N806
+            if SummaryWriter is not None:
+                purge = resume_step + 1 if resume_step is not None else None
+                self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one record (must contain ``step``; ``split`` is ``train`` or ``val``)."""
+        if not self.enabled:
+            return
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.csv is not None:
+            row = {k: record.get(k, "") for k in CSV_COLUMNS}
+            if row["ppl"] == "" and isinstance(record.get("loss"), float):
+                row["ppl"] = math.exp(min(record["loss"], 50.0))
+            with open(self.csv, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=CSV_COLUMNS).writerow(row)
+        if self.tb is not None:
+            split = record.get("split", "train")
+            for key, value in record.items():
+                if key in ("step", "split") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                self.tb.add_scalar(f"{split}/{key}", value, global_step=record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+            self.tb = None
+
+
+__all__ = ["CSV_COLUMNS", "MetricsLogger"]
