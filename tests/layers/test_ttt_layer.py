@@ -128,8 +128,8 @@ def test_official_parameter_names() -> None:
     names = dict(TTTLayer(32, 4, "mlp", share_qk=True, use_gate=True).named_parameters())
     for n in ["q_proj.weight", "v_proj.weight", "o_proj.weight", "g_proj.weight", "conv_q.weight",
               "conv_q.bias", "conv_k.weight", "conv_k.bias", "learnable_ttt_lr_weight",
-              "learnable_ttt_lr_bias", "learnable_token_idx", "ttt_norm_weight", "ttt_norm_bias", "post_norm.weight", "post_norm.bias",
-              "W1", "b1", "W2", "b2"]:
+              "learnable_ttt_lr_bias", "learnable_token_idx", "ttt_norm_weight", "ttt_norm_bias",
+              "post_norm.weight", "post_norm.bias", "W1", "b1", "W2", "b2"]:
         assert n in names, n
     assert "k_proj.weight" not in names
     assert names["W1"].shape == (4, 8, 32) and names["W2"].shape == (4, 32, 8)
