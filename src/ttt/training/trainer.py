@@ -507,6 +507,14 @@ class Trainer:
         self._old_handlers.clear()
 
     # ------------------------------------------------------------------ loop
+    def _validate(self, logger) -> float | None:
+        """Validation loss now; logged (step, tokens, loss, perplexity) when ``logger`` is given."""
+        val_loss = self.evaluate()
+        if logger is not None and val_loss is not None:
+            logger.log({"step": self.step, "tokens": self.tokens, "split": "val", "loss": val_loss,
+                        "ppl": math.exp(min(val_loss, 50.0))})
+        return val_loss
+
     def fit(self) -> dict[str, Any]:
         """Train to the step/token budget; returns a summary dict (``final_val_loss``, ``tokens``,
         ``tokens_per_s``, ``run_dir``, ``interrupted``, ...)."""
@@ -584,17 +592,7 @@ class Trainer:
                     and self.step % cfg.train.eval_every == 0
                     and self.step < self.total_steps
                 ):
-                    val_loss = self.evaluate()
-                    if main and val_loss is not None:
-                        logger.log(
-                            {
-                                "step": self.step,
-                                "tokens": self.tokens,
-                                "split": "val",
-                                "loss": val_loss,
-                                "ppl": math.exp(min(val_loss, 50.0)),
-                            }
-                        )
+                    val_loss = self._validate(logger if main else None)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
                 stop = 1.0 if self._stop_signal is not None else 0.0
@@ -610,17 +608,7 @@ class Trainer:
                 bar.close()
         finished = self.step >= self.total_steps
         if finished:
-            val_loss = self.evaluate()
-            if main and val_loss is not None:
-                logger.log(
-                    {
-                        "step": self.step,
-                        "tokens": self.tokens,
-                        "split": "val",
-                        "loss": val_loss,
-                        "ppl": math.exp(min(val_loss, 50.0)),
-                    }
-                )
+            val_loss = self._validate(logger if main else None)
         saved = self.save() if self._last_saved != self.step else ckpt.latest_checkpoint(self.run_dir)
         logger.close()
         summary = {
