@@ -1,0 +1,103 @@
+"""Figures of the evaluation and the comparison study (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .metrics import EvalResult  # noqa: E402
+
+
+def _as_result(r: EvalResult | Mapping[str, Any]) -> EvalResult:
+    return r if isinstance(r, EvalResult) else EvalResult.from_dict(dict(r))
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_by_position(
+    results: Mapping[str, EvalResult | Mapping[str, Any]],
+    path: str | Path,
+    title: str = "Loss by token position",
+    log_x: bool = True,
+    baseline: float | None = None,
+) -> Path:
+    """One curve per model: bucketed mean loss against context length (token position + 1).
+
+    Args:
+        results: model name -> :class:`EvalResult` (or its ``to_dict()``).
+        path: PNG file to write.
+        baseline: optional horizontal reference line (e.g. the unigram loss).
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        res = _as_result(r)
+        ax.plot(res.bucket_centers(), res.bucket_loss, marker="o", markersize=3, label=name)
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label="unigram")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel("token position (context length)")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_loss_curves(
+    curves: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | Path,
+    title: str = "Validation loss during training",
+    ylabel: str = "validation loss (nats / token)",
+) -> Path:
+    """One curve per model: validation loss against training tokens seen (``[(tokens, loss), ...]``)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in curves.items():
+        pts = sorted(pts)
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_mqar(
+    rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "MQAR accuracy by sequence length"
+) -> Path:
+    """MQAR accuracy (best over learning rates) against sequence length; one panel per model width."""
+    widths = sorted({int(r["width"]) for r in rows})
+    fig, axes = plt.subplots(1, max(len(widths), 1), figsize=(4.5 * max(len(widths), 1), 4), squeeze=False)
+    for ax, width in zip(axes[0], widths):
+        archs = sorted({r["arch"] for r in rows if int(r["width"]) == width})
+        for arch in archs:
+            mine = [r for r in rows if r["arch"] == arch and int(r["width"]) == width]
+            pts = sorted((int(r["seq_len"]), float(r["accuracy"])) for r in mine)
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", label=arch)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"width {width}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
