@@ -6,7 +6,7 @@ import pytest
 import torch
 from ttt_model_helpers import VOCAB
 
-from ttt.models import TTTCache
+from ttt.models import CACHE_KEY, TTTCache
 
 ATOL = 1e-4
 
@@ -15,8 +15,8 @@ def _stream(model, x: torch.Tensor, splits: list[int]) -> torch.Tensor:
     cache = TTTCache()
     outs, start = [], 0
     for n in splits:
-        out = model(x[:, start:start + n], past_key_values=cache, use_cache=True)
-        assert out.past_key_values is cache
+        out = model(x[:, start:start + n], cache=cache, use_cache=True)
+        assert getattr(out, CACHE_KEY) is cache
         outs.append(out.logits)
         start += n
     assert cache.get_seq_length() == x.shape[1]
@@ -48,7 +48,7 @@ def test_cache_memory_is_constant_in_context_length(make_model) -> None:
     model = make_model("mlp", "mamba")
     sizes = []
     for length in (3, 17, 64):
-        cache = model(torch.randint(0, VOCAB, (2, length)), use_cache=True).past_key_values
+        cache = getattr(model(torch.randint(0, VOCAB, (2, length)), use_cache=True), CACHE_KEY)
         sizes.append(cache.memory_bytes())
         assert cache.seen_tokens == length
     assert sizes[0] == sizes[1] == sizes[2] > 0
@@ -58,14 +58,14 @@ def test_cache_memory_is_constant_in_context_length(make_model) -> None:
 def test_cache_reorder_and_index_select(make_model) -> None:
     model = make_model("linear", "mamba")
     x = torch.randint(0, VOCAB, (3, 9))
-    cache = model(x, use_cache=True).past_key_values
+    cache = getattr(model(x, use_cache=True), CACHE_KEY)
     nxt = torch.randint(0, VOCAB, (3, 1))
-    ref = model(nxt, past_key_values=cache.clone()).logits
+    ref = model(nxt, cache=cache.clone()).logits
     picked = cache.index_select(torch.tensor([2, 0]))
     assert picked.batch_size == 2 and cache.batch_size == 3
-    torch.testing.assert_close(model(nxt[[2, 0]], past_key_values=picked).logits, ref[[2, 0]])
+    torch.testing.assert_close(model(nxt[[2, 0]], cache=picked).logits, ref[[2, 0]])
     cache.reorder_cache(torch.tensor([1, 1, 0]))
-    torch.testing.assert_close(model(nxt[[1, 1, 0]], past_key_values=cache).logits, ref[[1, 1, 0]])
+    torch.testing.assert_close(model(nxt[[1, 1, 0]], cache=cache).logits, ref[[1, 1, 0]])
 
 
 def test_cache_with_grad_detach_and_tbptt(make_model) -> None:
@@ -73,10 +73,10 @@ def test_cache_with_grad_detach_and_tbptt(make_model) -> None:
     model = make_model().train()
     x = torch.randint(0, VOCAB, (2, 12))
     cache = TTTCache()
-    out = model(x[:, :6], labels=x[:, :6], past_key_values=cache, use_cache=True)
+    out = model(x[:, :6], labels=x[:, :6], cache=cache, use_cache=True)
     out.loss.backward()
     cache.detach()
-    out = model(x[:, 6:], labels=x[:, 6:], past_key_values=cache, use_cache=True)
+    out = model(x[:, 6:], labels=x[:, 6:], cache=cache, use_cache=True)
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
 

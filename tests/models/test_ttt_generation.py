@@ -15,7 +15,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 from ttt_model_helpers import VOCAB, build_model
 
-from ttt.models import TTTCache, TTTForCausalLM, get_config
+from ttt.models import CACHE_KEY, TTTCache, TTTForCausalLM, get_config
 
 PAD, EOS = 0, 1
 
@@ -152,9 +152,9 @@ def test_prefill_chunk_size_and_user_cache() -> None:
     ref = model.generate(prompt, max_new_tokens=5, do_sample=False)
     assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False, prefill_chunk_size=3), ref)
     cache = TTTCache()
-    out = model.generate(prompt, max_new_tokens=5, do_sample=False, past_key_values=cache,
+    out = model.generate(prompt, max_new_tokens=5, do_sample=False, **{CACHE_KEY: cache},
                          return_dict_in_generate=True)
-    assert torch.equal(out.sequences, ref) and out.past_key_values is cache
+    assert torch.equal(out.sequences, ref) and getattr(out, CACHE_KEY) is cache
     assert cache.seen_tokens == 15  # the last generated token has not been fed yet
 
 
@@ -164,7 +164,7 @@ def test_generate_rejects_a_foreign_cache() -> None:
     model = _model()
     prompt = torch.randint(2, VOCAB, (1, 4))
     with pytest.raises(TypeError, match="TTTCache"):
-        model.generate(prompt, max_new_tokens=2, past_key_values=DynamicCache())
+        model.generate(prompt, max_new_tokens=2, **{CACHE_KEY: DynamicCache()})
 
 
 def _byte_tokenizer() -> PreTrainedTokenizerFast:

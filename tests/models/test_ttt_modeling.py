@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCac
 from ttt_model_helpers import VOCAB
 
 import ttt  # noqa: F401  (registers the Auto classes)
-from ttt.models import TTTCache, TTTConfig, TTTForCausalLM, TTTModel, get_config
+from ttt.models import CACHE_KEY, TTTCache, TTTConfig, TTTForCausalLM, TTTModel, get_config
 
 
 def test_forward_shapes_and_block_structure(make_model, variant) -> None:
@@ -20,14 +20,14 @@ def test_forward_shapes_and_block_structure(make_model, variant) -> None:
     x = torch.randint(0, VOCAB, (3, 11))
     out = model(x, output_hidden_states=True)
     assert out.logits.shape == (3, 11, VOCAB)
-    assert isinstance(out.past_key_values, TTTCache)  # eval mode: use_cache defaults to config.use_cache
+    assert isinstance(getattr(out, CACHE_KEY), TTTCache)  # eval mode: use_cache defaults to config.use_cache
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
     block = model.model.layers[0]
     assert (block.conv is not None) == (backbone == "mamba")
     assert block.seq_modeling_block.share_qk == block.seq_modeling_block.use_gate == (backbone == "mamba")
     assert block.seq_modeling_block.ttt_layer_type == layer_type
     model.train()
-    assert model(x).past_key_values is None  # training: no cache unless asked
+    assert getattr(model(x), CACHE_KEY) is None  # training: no cache unless asked
 
 
 def test_labels_give_shifted_cross_entropy_with_ignore_index(make_model) -> None:
@@ -154,14 +154,30 @@ def test_bad_inputs_raise_clear_errors(make_model) -> None:
     with pytest.raises(ValueError, match="exactly one"):
         model()
     with pytest.raises(TypeError, match="TTTCache"):
-        model(x, past_key_values=DynamicCache())
+        model(x, cache=DynamicCache())
     with pytest.raises(ValueError, match="position_ids"):
         model(x, position_ids=torch.zeros(2, 3, dtype=torch.long))
-    cache = model(x, use_cache=True).past_key_values
+    cache = getattr(model(x, use_cache=True), CACHE_KEY)
     with pytest.raises(ValueError, match="rows"):
-        model(torch.randint(0, VOCAB, (3, 2)), past_key_values=cache)
+        model(torch.randint(0, VOCAB, (3, 2)), cache=cache)
     with pytest.raises(ValueError, match="attention_mask"):
-        model(x[:, :2], past_key_values=cache, attention_mask=torch.ones(2, 4, dtype=torch.long))
+        model(x[:, :2], cache=cache, attention_mask=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="not both"):
+        model(x[:, :2], cache=cache, past_key_values=cache.clone())
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['cache_params'\\]"):
+        model(x, cache_params=cache)  # a misspelt argument is an error, never silently ignored
+
+
+def test_cache_argument_accepts_its_older_name(make_model) -> None:
+    """``past_key_values=`` (transformers < 5.24) and ``cache=`` continue the same state."""
+    model = make_model().eval()
+    x = torch.randint(0, VOCAB, (2, 9))
+    full = model(x).logits
+    for name in ("cache", "past_key_values"):
+        cache = getattr(model(x[:, :5], use_cache=True), CACHE_KEY)
+        out = model(x[:, 5:], **{name: cache})
+        assert getattr(out, CACHE_KEY) is cache and cache.seen_tokens == 9
+        torch.testing.assert_close(out.logits, full[:, 5:], rtol=0, atol=1e-5)
 
 
 def test_config_class_is_registered() -> None:
@@ -203,7 +219,7 @@ def test_gradient_checkpointing_through_a_carried_cache(make_model) -> None:
         model.zero_grad()
         cache, total = TTTCache(), 0.0
         for s, e in ((0, 5), (5, 11), (11, 14)):
-            total = total + model(x[:, s:e], labels=x[:, s:e], past_key_values=cache, use_cache=True).loss
+            total = total + model(x[:, s:e], labels=x[:, s:e], cache=cache, use_cache=True).loss
         total.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from ttt_model_helpers import VOCAB
 
-from ttt.models import TTTCache
+from ttt.models import CACHE_KEY, TTTCache
 from ttt.ops.layout import build_layout, document_starts, real_token_mask
 
 ATOL = 1e-4
@@ -55,16 +55,16 @@ def test_left_padded_rows_equal_rows_alone(make_model, variant) -> None:
         assert torch.count_nonzero(out.logits[i, :width - lens[i]]) == 0  # padding positions: zero logits
     # the cache of the padded batch equals the caches of the rows alone (padding did not touch the state)
     for i, r in enumerate(rows):
-        alone = model(r, use_cache=True).past_key_values
+        alone = getattr(model(r, use_cache=True), CACHE_KEY)
         for layer in range(len(alone)):
-            a, b = alone.layer_states[layer], out.past_key_values.layer_states[layer]
+            a, b = alone.layer_states[layer], getattr(out, CACHE_KEY).layer_states[layer]
             assert int(b.inner.pos[i]) == int(a.inner.pos[0]) == lens[i] % 4
             torch.testing.assert_close(b.inner.W1[i], a.inner.W1[0], atol=ATOL, rtol=0)
             torch.testing.assert_close(b.inner.gW1[i], a.inner.gW1[0], atol=ATOL, rtol=0)
             if a.conv_q is not None:
                 torch.testing.assert_close(b.conv_q[i], a.conv_q[0], atol=ATOL, rtol=0)
             if alone.conv_states[layer] is not None:
-                torch.testing.assert_close(out.past_key_values.conv_states[layer][i],
+                torch.testing.assert_close(getattr(out, CACHE_KEY).conv_states[layer][i],
                                            alone.conv_states[layer][0], atol=ATOL, rtol=0)
 
 
@@ -92,11 +92,11 @@ def test_padded_prefill_then_decode_with_cache(make_model, variant) -> None:
         ids[i, width - n:] = seqs[i][0, :n]
         mask[i, width - n:] = 1
     cache = TTTCache()
-    logits = [model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1]]
+    logits = [model(ids, attention_mask=mask, cache=cache).logits[:, -1]]
     for t in range(total):
         mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
         step = torch.stack([seqs[i][0, lens[i] + t] for i in range(2)]).view(2, 1)
-        logits.append(model(step, attention_mask=mask, past_key_values=cache).logits[:, -1])
+        logits.append(model(step, attention_mask=mask, cache=cache).logits[:, -1])
     got = torch.stack(logits, 1)
     for i, n in enumerate(lens):
         full = model(seqs[i]).logits[0, n - 1:]
@@ -153,12 +153,12 @@ def test_packing_with_cache_continues_last_document(make_model) -> None:
     model = make_model("mlp", "mamba")
     x = torch.randint(0, VOCAB, (1, 15))
     cache = TTTCache()
-    model(x[:, :4], past_key_values=cache)  # document A, first 4 tokens
-    out = model(x[:, 4:11], past_key_values=cache, position_ids=torch.tensor([[4, 5, 6, 0, 1, 2, 3]])).logits
+    model(x[:, :4], cache=cache)  # document A, first 4 tokens
+    out = model(x[:, 4:11], cache=cache, position_ids=torch.tensor([[4, 5, 6, 0, 1, 2, 3]])).logits
     # tokens 4..6 continue document A; tokens 7..10 start document B
     torch.testing.assert_close(out[:, :3], model(x[:, :7]).logits[:, 4:], atol=ATOL, rtol=0)
     torch.testing.assert_close(out[:, 3:], model(x[:, 7:11]).logits, atol=ATOL, rtol=0)
-    nxt = model(x[:, 11:], past_key_values=cache).logits  # continues document B
+    nxt = model(x[:, 11:], cache=cache).logits  # continues document B
     torch.testing.assert_close(nxt, model(x[:, 7:]).logits[:, 4:], atol=ATOL, rtol=0)
 
 

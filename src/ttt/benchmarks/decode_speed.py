@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import TTTCache, TTTForCausalLM
+from ..models import CACHE_KEY, TTTCache, TTTForCausalLM
 from ..models.presets import get_config
 from .common import RESULTS_DIR, machine_info, markdown_table, sync, write_results
 
@@ -100,9 +100,9 @@ def measure(kind: str, model: nn.Module, batch: int, prompt_len: int, decode_tok
     t0 = time.perf_counter()
     logits = None
     for start in range(0, prompt_len, chunk):
-        out = model(input_ids=prompt[:, start:start + chunk], past_key_values=cache, use_cache=True,
+        out = model(input_ids=prompt[:, start:start + chunk], **{CACHE_KEY: cache}, use_cache=True,
                     logits_to_keep=1)
-        cache, logits = out.past_key_values, out.logits
+        cache, logits = getattr(out, CACHE_KEY), out.logits
     sync(device)
     prefill_s = time.perf_counter() - t0
     bytes_after_prefill = _cache_bytes(cache)
@@ -111,8 +111,8 @@ def measure(kind: str, model: nn.Module, batch: int, prompt_len: int, decode_tok
     for step in range(decode_tokens + 2):  # two warm-up steps
         sync(device)
         t1 = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=token, **{CACHE_KEY: cache}, use_cache=True)
+        cache = getattr(out, CACHE_KEY)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         sync(device)
         if step >= 2:

@@ -16,6 +16,7 @@ from .configuration_ttt import TTTConfig
 from .presets import get_config, list_presets
 
 _LAZY = {
+    "CACHE_KEY": ".cache_ttt",
     "TTTCache": ".cache_ttt",
     "TTTForCausalLM": ".modeling_ttt",
     "TTTModel": ".modeling_ttt",
@@ -60,5 +61,5 @@ def register_auto_classes() -> None:
 
 _register_config()
 
-__all__ = ["TTTCache", "TTTConfig", "TTTForCausalLM", "TTTModel", "TTTPreTrainedModel", "get_config",
-           "list_presets", "register_auto_classes"]
+__all__ = ["CACHE_KEY", "TTTCache", "TTTConfig", "TTTForCausalLM", "TTTModel", "TTTPreTrainedModel",
+           "get_config", "list_presets", "register_auto_classes"]

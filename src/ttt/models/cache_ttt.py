@@ -7,12 +7,19 @@ the Q/K conv buffers of shared-Q/K layers), and the last ``K-1`` inputs of the b
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..layers import TTTLayerState
+
+#: The name ``transformers`` uses for the cache argument of ``forward`` and the cache field of model outputs:
+#: ``"cache"`` from transformers 5.24 on, ``"past_key_values"`` before. TTT models accept both names.
+CACHE_KEY = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+             else "past_key_values")
 
 
 class TTTCache:
@@ -49,6 +56,20 @@ class TTTCache:
             if state is not None:
                 return state.batch_size
         return None
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer, whether ``generate`` must treat it as a state without a sequence length.
+
+        All ``False``: the cache counts the token columns it has seen (:meth:`get_seq_length`), so
+        ``generate`` (transformers >= 5.24) may slice the already-seen part off a continued prompt as it
+        does for a key/value cache.
+        """
+        return [False] * len(self.layer_states)
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * len(self.layer_states)
 
     def __len__(self) -> int:
         return len(self.layer_states)
@@ -148,4 +169,4 @@ class TTTCache:
                 f"bytes={self.memory_bytes()})")
 
 
-__all__ = ["TTTCache"]
+__all__ = ["CACHE_KEY", "TTTCache"]

@@ -46,7 +46,7 @@ class TTTConfig(PreTrainedConfig):
     """
 
     model_type = "ttt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 32000
     hidden_size: int = 768

@@ -42,7 +42,7 @@ from ..ops.layout import (
     position_ids_from_cu_seqlens,
     real_token_mask,
 )
-from .cache_ttt import TTTCache
+from .cache_ttt import CACHE_KEY, TTTCache
 from .configuration_ttt import TTTConfig
 
 logger = logging.get_logger(__name__)
@@ -153,6 +153,21 @@ def _where_state(keep: Tensor, a: TTTLayerState, b: TTTLayerState) -> TTTLayerSt
     return pick(a, b)
 
 
+# Keyword arguments of the transformers attention/cache plumbing that a recurrent model has no use for.
+_IGNORED_KWARGS = ("cu_seq_lens_k", "max_length_q", "max_length_k", "cache_position", "output_attentions")
+# Keyword arguments forwarded to ``self.loss_function``.
+_LOSS_KWARGS = frozenset({"num_items_in_batch", "ignore_index", "shift_labels"})
+
+
+def _one_cache(cache: TTTCache | None, past_key_values: TTTCache | None) -> TTTCache | None:
+    """The cache passed as ``cache`` (transformers >= 5.24) or as its older name ``past_key_values``."""
+    if past_key_values is None:
+        return cache
+    if cache is not None and cache is not past_key_values:
+        raise ValueError("pass the cache once: as `cache` (or the older name `past_key_values`), not both")
+    return past_key_values
+
+
 class TTTPreTrainedModel(PreTrainedModel):
     """Weight initialisation (spec §7) and Hugging Face plumbing shared by the TTT models."""
 
@@ -161,7 +176,7 @@ class TTTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TTTBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _is_stateful = True
     _supports_sdpa = False
     _supports_flash_attn = False
@@ -240,7 +255,7 @@ class TTTModel(TTTPreTrainedModel):
     @staticmethod
     def _check_cache(cache: object, bsz: int, length: int, attention_mask: Tensor | None) -> None:
         if not isinstance(cache, TTTCache):
-            raise TypeError(f"past_key_values must be a ttt.models.TTTCache (or None), got "
+            raise TypeError(f"{CACHE_KEY} must be a ttt.models.TTTCache (or None), got "
                             f"{type(cache).__name__}; TTT models keep a recurrent state, not keys/values")
         if cache.is_initialized and cache.batch_size != bsz:
             raise ValueError(f"the cache holds {cache.batch_size} rows but the input has {bsz}")
@@ -258,12 +273,14 @@ class TTTModel(TTTPreTrainedModel):
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values: TTTCache | None = None,
+        cache: TTTCache | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
+        past_key_values: TTTCache | None = None,
+        cu_seqlens: Tensor | None = None,
+        cu_seq_lens_q: Tensor | None = None,
     ) -> BaseModelOutputWithPast | tuple:
         """Run the blocks.
 
@@ -275,20 +292,21 @@ class TTTModel(TTTPreTrainedModel):
                 is 0 starts a new packed document (fresh TTT state, conv buffers and mini-batch position).
                 Instead, ``cu_seqlens`` (or ``cu_seq_lens_q``) ``[0, n_1, n_1 + n_2, ..., L]`` may describe
                 the documents of a single flattened row.
-            past_key_values: a :class:`TTTCache` to continue from; updated in place and returned.
+            cache: a :class:`TTTCache` to continue from; updated in place and returned. Its older
+                ``transformers`` name ``past_key_values`` is accepted too.
             use_cache: return the cache (default: ``config.use_cache`` in eval mode, False in training).
         """
+        cache = _one_cache(cache, past_key_values)
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache is None:
-            use_cache = self.config.use_cache if not self.training else past_key_values is not None
+            use_cache = self.config.use_cache if not self.training else cache is not None
 
         bsz, length = self._check_inputs(input_ids, inputs_embeds)
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be 2-D [batch, length] (0 = padding), got shape "
                              f"{tuple(attention_mask.shape)}")
-        cache = past_key_values
         if cache is not None:
             self._check_cache(cache, bsz, length, attention_mask)
         elif attention_mask is not None and tuple(attention_mask.shape) != (bsz, length):
@@ -297,7 +315,7 @@ class TTTModel(TTTPreTrainedModel):
         if use_cache and cache is None:
             cache = TTTCache(len(self.layers))
 
-        cu_seqlens = kwargs.get("cu_seqlens", kwargs.get("cu_seq_lens_q"))
+        cu_seqlens = cu_seqlens if cu_seqlens is not None else cu_seq_lens_q
         if cu_seqlens is not None and position_ids is None:
             position_ids = position_ids_from_cu_seqlens(cu_seqlens, bsz, length)
         real = real_token_mask(attention_mask, bsz, length)
@@ -332,8 +350,8 @@ class TTTModel(TTTPreTrainedModel):
         out_cache = cache if use_cache else None
         if not return_dict:
             return tuple(v for v in (hidden, out_cache, hidden_states) if v is not None)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=out_cache,
-                                       hidden_states=hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=hidden_states,
+                                       **{CACHE_KEY: out_cache})
 
     @staticmethod
     def _incoming_state(block: TTTBlock, cache: TTTCache | None, idx: int, layout: SegmentLayout | None,
@@ -401,29 +419,37 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values: TTTCache | None = None,
+        cache: TTTCache | None = None,
         inputs_embeds: Tensor | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | Tensor = 0,
+        past_key_values: TTTCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits for every position; with ``labels [B, L]`` also the mean next-token cross-entropy.
 
         Labels are shifted inside (``labels[:, t+1]`` is the target of position ``t``); -100 is ignored.
-        See :meth:`TTTModel.forward` for padding, packing and the cache.
+        See :meth:`TTTModel.forward` for padding, packing and the cache. Other keyword arguments are
+        those of the ``transformers`` loss function (``num_items_in_batch``) and of its attention
+        plumbing that a recurrent model does not need (flash-attention lengths, ``cache_position``);
+        anything else is an error rather than silently ignored.
         """
+        cache = _one_cache(cache, past_key_values)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         packing = {k: kwargs.pop(k) for k in ("cu_seqlens", "cu_seq_lens_q") if k in kwargs}
-        for k in ("cu_seq_lens_k", "max_length_q", "max_length_k"):  # flash-attention extras: unused
+        for k in _IGNORED_KWARGS:
             kwargs.pop(k, None)
+        unknown = sorted(set(kwargs) - _LOSS_KWARGS)
+        if unknown:
+            raise TypeError(f"TTTForCausalLM.forward got unexpected keyword arguments {unknown}")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -446,11 +472,12 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
                                  "logits_to_keep")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
                                       **kwargs)
+        out_cache = outputs[CACHE_KEY] if CACHE_KEY in outputs else None
         if not return_dict:
-            out = tuple(v for v in (logits, outputs.past_key_values, outputs.hidden_states) if v is not None)
+            out = tuple(v for v in (logits, out_cache, outputs.hidden_states) if v is not None)
             return (loss, *out) if loss is not None else out
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                      **{CACHE_KEY: out_cache})
 
     # -------------------------------------------------------------- generation
     @classmethod
@@ -459,11 +486,15 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode,
                                       batch_size: int, max_cache_length: int) -> None:
-        """``generate`` keeps a :class:`TTTCache` under ``past_key_values`` (created here, filled lazily)."""
-        cache = model_kwargs.get("past_key_values")
+        """``generate`` keeps a :class:`TTTCache` under :data:`CACHE_KEY` (created here, filled lazily)."""
+        if CACHE_KEY != "past_key_values" and "past_key_values" in model_kwargs:
+            if CACHE_KEY in model_kwargs:
+                raise ValueError("pass the cache once: as `cache` (or the older name `past_key_values`)")
+            model_kwargs[CACHE_KEY] = model_kwargs.pop("past_key_values")
+        cache = model_kwargs.get(CACHE_KEY)
         if cache is not None:
             if not isinstance(cache, TTTCache):
-                raise TypeError(f"past_key_values must be a ttt.models.TTTCache, got {type(cache).__name__}")
+                raise TypeError(f"{CACHE_KEY} must be a ttt.models.TTTCache, got {type(cache).__name__}")
             cache._is_user_defined = True
             return
         if generation_config.use_cache is False:
@@ -472,7 +503,7 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
             logger.warning_once(f"cache_implementation={generation_config.cache_implementation!r} is "
                                 "ignored: "
                                 "TTT models use their constant-size TTTCache")
-        model_kwargs["past_key_values"] = TTTCache(self.config.num_hidden_layers)
+        model_kwargs[CACHE_KEY] = TTTCache(self.config.num_hidden_layers)
 
 
 __all__ = ["TTTBlock", "TTTForCausalLM", "TTTModel", "TTTPreConv", "TTTPreTrainedModel", "TTTRMSNorm",

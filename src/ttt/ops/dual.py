@@ -113,44 +113,52 @@ def _scan_linear(carry: tuple[Tensor, ...], k: Tensor, q: Tensor, shift: Tensor,
     return (torch.stack(outs), w, bias, gw, gb)
 
 
-def _scan_mlp(carry: tuple[Tensor, ...], kq: Tensor, shift: Tensor, a: Tensor, e: Tensor, lr: Tensor,
-              coef: Tensor, ln_w: Tensor, complete: Tensor | None, first: bool
+def _scan_mlp(carry: tuple[Tensor, ...], k: Tensor, q: Tensor, shift: Tensor, a: Tensor, e: Tensor,
+              lr: Tensor, lr_last: Tensor, coef: Tensor, ln_w: Tensor, complete: Tensor | None, first: bool
               ) -> tuple[Tensor, ...]:
-    """Scan TTT-MLP over ``n`` mini-batches (dual form applied layer by layer)."""
+    """Scan TTT-MLP over ``n`` mini-batches (dual form applied layer by layer).
+
+    Same per-mini-batch inputs as :func:`_scan_linear` plus ``e`` (``E``, for the second layer's
+    ``E * (Xbar2 X2^T + 1)``).
+    """
     w1, b1, w2, b2, gw1, gb1, gw2, gb2 = carry
-    mb = shift.shape[-2]
     coef_last = coef[-1]
     coef_col = coef.view(-1, 1)
     outs = []
-    for i, (kqi, si, ai, ei, lri) in enumerate(zip(*(t.unbind(0) for t in (kq, shift, a, e, lr)))):
-        ki, qi = kqi[:, :mb], kqi[:, mb:]
-        zz1 = torch.baddbmm(b1, kqi, w1)
-        z1 = zz1[:, :mb]
+    steps = zip(*(t.unbind(0) for t in (k, q, shift, a, e, lr, lr_last)))
+    for i, (ki, qi, si, ai, ei, lri, lli) in enumerate(steps):
+        z1 = torch.baddbmm(b1, ki, w1)
         x2 = gelu_tanh(z1)
         z2 = torch.baddbmm(b2, x2, w2)
         g2 = ln_l2_grad_shifted(z2, si, ln_w)
         g1 = gelu_tanh_backward(torch.bmm(g2, w2.transpose(1, 2)), z1)
-        zb1 = torch.baddbmm(zz1[:, mb:], ai, g1, alpha=-1.0)
-        if first and i == 0:
+        zb1 = torch.baddbmm(torch.baddbmm(b1, qi, w1), ai, g1, alpha=-1.0)
+        carried = first and i == 0  # tokens of the open mini-batch seen in earlier calls
+        if carried:
             zb1 = zb1 - coef_col * (torch.bmm(qi, gw1) + gb1)
         xb2 = gelu_tanh(zb1)
-        a2 = ei * (torch.bmm(xb2, x2.transpose(1, 2)) + 1.0)
+        a2 = ei * torch.baddbmm(ei.new_ones(()), xb2, x2.transpose(1, 2))
         zb2 = torch.baddbmm(torch.baddbmm(b2, xb2, w2), a2, g2, alpha=-1.0)
-        if first and i == 0:
+        if carried:
             zb2 = zb2 - coef_col * (torch.bmm(xb2, gw2) + gb2)
         outs.append(zb2)
+        if complete is None and not carried:  # nothing accumulated: step the weights directly
+            lg1, lg2 = lli * g1, lli * g2
+            w1 = torch.baddbmm(w1, ki.transpose(1, 2), lg1, alpha=-1.0)
+            b1 = b1 - lg1.sum(1, keepdim=True)
+            w2 = torch.baddbmm(w2, x2.transpose(1, 2), lg2, alpha=-1.0)
+            b2 = b2 - lg2.sum(1, keepdim=True)
+            continue
         lg1, lg2 = lri * g1, lri * g2
-        gw1_new = torch.baddbmm(gw1, ki.transpose(1, 2), lg1)
-        gb1_new = gb1 + lg1.sum(1, keepdim=True)
-        gw2_new = torch.baddbmm(gw2, x2.transpose(1, 2), lg2)
-        gb2_new = gb2 + lg2.sum(1, keepdim=True)
-        news = (gw1_new, gb1_new, gw2_new, gb2_new)
+        news = (torch.baddbmm(gw1, ki.transpose(1, 2), lg1), gb1 + lg1.sum(1, keepdim=True),
+                torch.baddbmm(gw2, x2.transpose(1, 2), lg2), gb2 + lg2.sum(1, keepdim=True))
         if complete is None:
             w1, b1, w2, b2 = (p - coef_last * s for p, s in zip((w1, b1, w2, b2), news))
             gw1, gb1, gw2, gb2 = (torch.zeros_like(s) for s in news)
         else:
             c = complete[i].view(-1, 1, 1)
-            w1, b1, w2, b2 = (torch.where(c, p - coef_last * s, p) for p, s in zip((w1, b1, w2, b2), news))
+            w1, b1, w2, b2 = (torch.where(c, p - coef_last * s, p)
+                              for p, s in zip((w1, b1, w2, b2), news))
             gw1, gb1, gw2, gb2 = (torch.where(c, torch.zeros_like(s), s) for s in news)
     return (torch.stack(outs), w1, b1, w2, b2, gw1, gb1, gw2, gb2)
 
@@ -220,7 +228,6 @@ def ttt_dual(
     tgt = v - k if ln_residual else v
     shift = (ln_b.view(1, heads, 1, f).expand(bsz, heads, 1, f).reshape(1, bh, 1, f) - tgt if ln_residual
              else -tgt)
-    kq = torch.cat([k, q], dim=-2)  # one matmul with the weights gives both K W and Q W
     tril = torch.ones(mb, mb, dtype=torch.bool, device=device).tril()
     e = torch.where(tril, coef.view(mb, 1) * lr_g, torch.zeros((), dtype=cd, device=device))  # [n, BH, b, b]
     a1 = e * (torch.matmul(q, k.transpose(-1, -2)) + 1.0)
@@ -246,7 +253,7 @@ def ttt_dual(
         comp = None if complete is None else complete[sl]
         first = g0 == 0 and s_max > 0
         if is_mlp:
-            args = (kq[sl], shift[sl], a1[sl], e[sl], lr_col[sl], coef, lnw, comp, first)
+            args = (k[sl], q[sl], shift[sl], a1[sl], e[sl], lr_col[sl], lr_last[sl], coef, lnw, comp, first)
             fn = _scan_mlp
         else:
             args = (k[sl], q[sl], shift[sl], a1[sl], lr_col[sl], lr_last[sl], coef,
