@@ -91,6 +91,15 @@ def test_bucket_positions_and_token_losses_shapes() -> None:
     assert edges[-1] - edges[-2] > 100
     edges, means = bucket_positions([1.0, 2.0], 8)  # more buckets than positions
     assert len(means) == 2
+    # every bucket but the first position's holds >= min_width positions, and the means are exact
+    curve = [float(i % 7) for i in range(2047)]
+    edges, means = bucket_positions(curve, 32, min_width=8)
+    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    assert widths[0] == 1 and min(widths[1:]) >= 8 and sum(widths) == 2047
+    assert means == [sum(curve[a:b]) / (b - a) for a, b in zip(edges[:-1], edges[1:])]
+    assert bucket_positions(curve, 32, min_width=1)[0][:3] == [0, 1, 2]
+    with pytest.raises(ValueError, match="min_width"):
+        bucket_positions(curve, 4, min_width=0)
     out = token_losses(tiny_llama(), torch.randint(0, 32, (3, 10)), batch_size=2)
     assert out.shape == (3, 9) and out.dtype == torch.float32
 

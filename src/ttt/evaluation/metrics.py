@@ -152,23 +152,40 @@ def document_windows(
 
 
 def bucket_positions(
-    position_loss: Sequence[float], num_buckets: int, spacing: str = "log"
+    position_loss: Sequence[float], num_buckets: int, spacing: str = "log", min_width: int = 8
 ) -> tuple[list[int], list[float]]:
     """Average a per-position curve over position buckets.
 
     ``spacing="log"`` (default) uses geometrically growing buckets (fine where the loss falls fast, at
     short contexts; many tokens per bucket at long contexts, so the curve is smooth on a log axis);
-    ``"linear"`` uses equal widths. Empty buckets are merged, so fewer than ``num_buckets`` may result.
+    ``"linear"`` uses equal widths. Except the first position (the loss without context, always its
+    own bucket), buckets are at least ``min_width`` positions wide: a bucket of one or two positions
+    averages only one token per window, too few for a smooth curve (``min_width`` is capped at
+    ``len(position_loss) // num_buckets``). Narrower buckets are merged into the next, so fewer than
+    ``num_buckets`` may result.
     """
     n = len(position_loss)
+    if n == 0:
+        raise ValueError("position_loss is empty")
+    if min_width < 1:
+        raise ValueError(f"min_width must be >= 1, got {min_width}")
     num_buckets = max(1, min(num_buckets, n))
+    min_width = min(min_width, max(1, n // num_buckets))  # never wider than an even split allows
     if spacing == "log":
-        edges = (np.geomspace(1, n + 1, num_buckets + 1) - 1).round().astype(int)
+        raw = (np.geomspace(1, n + 1, num_buckets + 1) - 1).round().astype(int)
     elif spacing == "linear":
-        edges = np.linspace(0, n, num_buckets + 1).round().astype(int)
+        raw = np.linspace(0, n, num_buckets + 1).round().astype(int)
     else:
         raise ValueError(f"spacing must be 'log' or 'linear', got {spacing!r}")
-    edges = sorted(set(edges.tolist()) | {0, n})
+    edges = [0, 1] if spacing == "log" else [0]
+    for e in sorted(set(raw.tolist())):
+        if e > edges[-1] and e - edges[-1] >= min_width and e < n:
+            edges.append(e)
+    if edges[-1] != n:
+        if len(edges) > 2 and n - edges[-1] < min_width:
+            edges[-1] = n  # a too-narrow last bucket joins the one before it
+        else:
+            edges.append(n)
     arr = np.asarray(position_loss, dtype=np.float64)
     means = [float(arr[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])]
     return edges, means
