@@ -5,6 +5,9 @@ update, exactly as :class:`ttt.training.Trainer` does it (same loss code, same p
 model construction through :mod:`ttt.models.registry`). Each context length keeps the same number of
 tokens per step (``--tokens-per-step``; rows = tokens / context), so tokens/s compare directly across
 lengths: a Transformer's cost per token grows with the context, the TTT and Mamba layers' should not.
+By default all architectures of one context are timed in rounds (one step of each per round, median
+over ``--reps`` rounds), so a shared machine's drifting speed affects them alike; ``--no-interleave``
+times each architecture alone.
 
     python -m ttt.benchmarks.train_speed                       # small size, contexts 2k and 8k
     python -m ttt.benchmarks.train_speed --size tiny --lengths 128 256 --tokens-per-step 512 --reps 1
@@ -15,8 +18,10 @@ Writes ``benchmarks/results/train_speed.json`` (+ ``.md``) and prints a markdown
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,18 +60,17 @@ def _train_step_fn(
     return step
 
 
-def measure(
+def prepare(
     arch: str,
     size: str,
     seq_len: int,
     tokens_per_step: int,
     vocab_size: int,
     device: torch.device,
-    reps: int,
     bf16: bool,
     gradient_checkpointing: bool = False,
-) -> dict[str, Any]:
-    """Time training steps of one (arch, context); returns tokens/s and details."""
+) -> tuple[Callable[[], float], dict[str, Any]]:
+    """Build one (arch, context) training step; returns the step and the record's static fields."""
     from ttt.training.trainer import param_groups
 
     torch.manual_seed(0)
@@ -79,10 +83,7 @@ def measure(
     rows = max(1, tokens_per_step // seq_len)
     ids = torch.randint(0, vocab_size, (rows, seq_len), device=device)
     step = _train_step_fn(model, optimizer, ids, arch in ("ttt-linear", "ttt-mlp", "transformer"), bf16)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t = time_fn(step, reps=reps, warmup=1, device=device, budget_s=120.0)
-    out = {
+    info = {
         "arch": arch,
         "size": size,
         "seq_len": seq_len,
@@ -90,14 +91,86 @@ def measure(
         "tokens_per_step": rows * seq_len,
         "params": count_params(model),
         "params_non_embedding": count_params(model, exclude_embeddings=True),
-        "step_s_median": t["median_s"],
-        "step_s_min": t["min_s"],
-        "runs": t["runs"],
-        "tokens_per_s": rows * seq_len / t["median_s"],
     }
+    return step, info
+
+
+def _timed_record(info: dict[str, Any], median_s: float, min_s: float, runs: int) -> dict[str, Any]:
+    return {**info, "step_s_median": median_s, "step_s_min": min_s, "runs": runs,
+            "tokens_per_s": info["tokens_per_step"] / median_s}
+
+
+def measure(
+    arch: str,
+    size: str,
+    seq_len: int,
+    tokens_per_step: int,
+    vocab_size: int,
+    device: torch.device,
+    reps: int,
+    bf16: bool,
+    gradient_checkpointing: bool = False,
+) -> dict[str, Any]:
+    """Time training steps of one (arch, context) alone; returns tokens/s and details."""
+    step, info = prepare(arch, size, seq_len, tokens_per_step, vocab_size, device, bf16,
+                         gradient_checkpointing)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time_fn(step, reps=reps, warmup=1, device=device, budget_s=120.0)
+    out = _timed_record(info, t["median_s"], t["min_s"], t["runs"])
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
+
+
+def measure_interleaved(
+    arches: list[str],
+    size: str,
+    seq_len: int,
+    tokens_per_step: int,
+    vocab_size: int,
+    device: torch.device,
+    reps: int,
+    bf16: bool,
+    gradient_checkpointing: bool = False,
+) -> list[dict[str, Any]]:
+    """Time all ``arches`` at one context in rounds (one step of each per round, after a warm-up step).
+
+    On a shared machine whose speed drifts over minutes, interleaving makes the architectures see the
+    same conditions, so their ratios are meaningful even when the absolute numbers move. An
+    architecture that fails to build or to step (e.g. out of memory) gets an ``error`` record.
+    """
+    steps: dict[str, Callable[[], float]] = {}
+    infos: dict[str, dict[str, Any]] = {}
+    errors: dict[str, str] = {}
+    times: dict[str, list[float]] = {a: [] for a in arches}
+    for arch in arches:
+        try:
+            steps[arch], infos[arch] = prepare(arch, size, seq_len, tokens_per_step, vocab_size, device,
+                                               bf16, gradient_checkpointing)
+            steps[arch]()  # warm-up
+        except Exception as e:  # noqa: BLE001 - record it, go on with the others
+            errors[arch] = f"{type(e).__name__}: {e}"
+            steps.pop(arch, None)
+    for _ in range(reps):
+        for arch, step in list(steps.items()):
+            try:
+                _sync(device)
+                t0 = time.perf_counter()
+                step()
+                _sync(device)
+                times[arch].append(time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001
+                errors[arch] = f"{type(e).__name__}: {e}"
+                steps.pop(arch)
+    return [{"arch": a, "seq_len": seq_len, "error": errors[a]} if a in errors
+            else _timed_record(infos[a], statistics.median(times[a]), min(times[a]), len(times[a]))
+            for a in arches]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def table(payload: dict[str, Any]) -> str:
@@ -128,32 +201,36 @@ def table(payload: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     results = []
-    for arch in args.arches:
-        for n in args.lengths:
+    for n in args.lengths:
+        if args.interleave:
             t0 = time.perf_counter()
-            try:
-                r = measure(
-                    arch,
-                    args.size,
-                    n,
-                    args.tokens_per_step,
-                    args.vocab_size,
-                    device,
-                    args.reps,
-                    args.bf16,
-                    args.gradient_checkpointing,
-                )
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory at 8k: record it, go on
-                r = {"arch": arch, "seq_len": n, "error": f"{type(e).__name__}: {e}"}
-            r["wall_s"] = time.perf_counter() - t0
-            results.append(r)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            batch = measure_interleaved(list(args.arches), args.size, n, args.tokens_per_step,
+                                        args.vocab_size, device, args.reps, args.bf16,
+                                        args.gradient_checkpointing)
+            for r in batch:
+                r["wall_s"] = (time.perf_counter() - t0) / len(batch)
+        else:
+            batch = []
+            for arch in args.arches:
+                t0 = time.perf_counter()
+                try:
+                    r = measure(arch, args.size, n, args.tokens_per_step, args.vocab_size, device,
+                                args.reps, args.bf16, args.gradient_checkpointing)
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory at 8k: record it, go on
+                    r = {"arch": arch, "seq_len": n, "error": f"{type(e).__name__}: {e}"}
+                r["wall_s"] = time.perf_counter() - t0
+                batch.append(r)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        for r in batch:
             print(
-                f"{arch:>10} @ {n:>6}: "
+                f"{r['arch']:>10} @ {n:>6}: "
                 + (f"{r['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in r else r["error"]),
                 file=sys.stderr,
             )
+        results.extend(batch)
+    order = {a: i for i, a in enumerate(args.arches)}
+    results.sort(key=lambda r: (order[r["arch"]], r["seq_len"]))
     return {
         "benchmark": "train_speed",
         "size": args.size,
@@ -164,6 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bf16": args.bf16,
         "gradient_checkpointing": args.gradient_checkpointing,
         "reps": args.reps,
+        "interleaved": args.interleave,
         "machine": machine_info(device),
         "results": results,
     }
@@ -181,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (as train.bf16)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-interleave", dest="interleave", action="store_false",
+                   help="time each architecture alone (default: all architectures of a context in rounds)")
     p.add_argument("--out", default=str(RESULTS_DIR))
     args = p.parse_args(argv)
     payload = run(args)
