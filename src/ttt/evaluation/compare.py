@@ -169,8 +169,8 @@ STUDY_PRESETS: dict[str, dict[str, Any]] = {
         warmup_tokens=73_728,
         num_evals=6,
         curve_eval_windows=8,
-        eval_windows=160,  # loss by position: 160 windows of 2048 bytes, buckets >= 8 positions wide
-        buckets=32,
+        eval_windows=160,  # loss by position: 160 windows of 2048 bytes, buckets >= 16 positions wide
+        buckets=20,
         decode_prompt=128,
         decode_tokens=32,
         sample_tokens=200,

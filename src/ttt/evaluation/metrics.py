@@ -152,17 +152,16 @@ def document_windows(
 
 
 def bucket_positions(
-    position_loss: Sequence[float], num_buckets: int, spacing: str = "log", min_width: int = 8
+    position_loss: Sequence[float], num_buckets: int, spacing: str = "log", min_width: int = 16
 ) -> tuple[list[int], list[float]]:
     """Average a per-position curve over position buckets.
 
-    ``spacing="log"`` (default) uses geometrically growing buckets (fine where the loss falls fast, at
-    short contexts; many tokens per bucket at long contexts, so the curve is smooth on a log axis);
-    ``"linear"`` uses equal widths. Except the first position (the loss without context, always its
-    own bucket), buckets are at least ``min_width`` positions wide: a bucket of one or two positions
-    averages only one token per window, too few for a smooth curve (``min_width`` is capped at
-    ``len(position_loss) // num_buckets``). Narrower buckets are merged into the next, so fewer than
-    ``num_buckets`` may result.
+    ``spacing="log"`` (default): the first position (the loss without context) is its own bucket, then
+    buckets grow geometrically (fine where the loss falls fast, many tokens per bucket at long
+    contexts, so the curve is smooth on a log axis) but are never narrower than ``min_width``
+    positions: a bucket of one or two positions averages only one token per window, too few for a
+    smooth curve. ``"linear"``: equal widths (``min_width`` unused). ``num_buckets`` buckets result
+    unless the positions are too few for that many buckets of ``min_width`` (then fewer, wider ones).
     """
     n = len(position_loss)
     if n == 0:
@@ -170,22 +169,25 @@ def bucket_positions(
     if min_width < 1:
         raise ValueError(f"min_width must be >= 1, got {min_width}")
     num_buckets = max(1, min(num_buckets, n))
-    min_width = min(min_width, max(1, n // num_buckets))  # never wider than an even split allows
-    if spacing == "log":
-        raw = (np.geomspace(1, n + 1, num_buckets + 1) - 1).round().astype(int)
-    elif spacing == "linear":
-        raw = np.linspace(0, n, num_buckets + 1).round().astype(int)
+    if spacing == "linear":
+        edges = sorted(set(np.linspace(0, n, num_buckets + 1).round().astype(int).tolist()))
+    elif spacing == "log":
+        edges = [0] if num_buckets == 1 or n == 1 else [0, 1]
+        cur = edges[-1]
+        for left in range(num_buckets - 1, 0, -1):  # buckets still to place after the current edge
+            if left == 1:
+                nxt = n
+            else:  # the geometric step that would reach n in `left` steps, at least min_width wide
+                ratio = (n / cur) ** (1.0 / left)
+                nxt = cur + max(min_width, round(cur * (ratio - 1.0)))
+            if nxt >= n or n - nxt < min_width:
+                break
+            edges.append(nxt)
+            cur = nxt
+        if edges[-1] != n:
+            edges.append(n)
     else:
         raise ValueError(f"spacing must be 'log' or 'linear', got {spacing!r}")
-    edges = [0, 1] if spacing == "log" else [0]
-    for e in sorted(set(raw.tolist())):
-        if e > edges[-1] and e - edges[-1] >= min_width and e < n:
-            edges.append(e)
-    if edges[-1] != n:
-        if len(edges) > 2 and n - edges[-1] < min_width:
-            edges[-1] = n  # a too-narrow last bucket joins the one before it
-        else:
-            edges.append(n)
     arr = np.asarray(position_loss, dtype=np.float64)
     means = [float(arr[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])]
     return edges, means
