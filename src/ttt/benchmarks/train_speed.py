@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ttt.benchmarks.common import RESULTS_DIR, machine_info, markdown_table, time_fn, write_results
+from ttt.benchmarks.common import RESULTS_DIR, machine_info, markdown_table, sync, time_fn, write_results
 from ttt.models.registry import ARCHS, build_model, count_params, match_size
 
 DEFAULT_LENGTHS = (2048, 8192)
@@ -155,10 +155,10 @@ def measure_interleaved(
     for _ in range(reps):
         for arch, step in list(steps.items()):
             try:
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 step()
-                _sync(device)
+                sync(device)
                 times[arch].append(time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001
                 errors[arch] = f"{type(e).__name__}: {e}"
@@ -166,11 +166,6 @@ def measure_interleaved(
     return [{"arch": a, "seq_len": seq_len, "error": errors[a]} if a in errors
             else _timed_record(infos[a], statistics.median(times[a]), min(times[a]), len(times[a]))
             for a in arches]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def table(payload: dict[str, Any]) -> str:
