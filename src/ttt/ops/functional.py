@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_GELU_C = math.sqrt(2.0 / math.pi)
+GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -18,9 +18,9 @@ def gelu_tanh(x: Tensor) -> Tensor:
 
 def gelu_tanh_grad(x: Tensor) -> Tensor:
     """Derivative of :func:`gelu_tanh` with respect to its input."""
-    inner = _GELU_C * (x + 0.044715 * x.pow(3))
+    inner = GELU_C * (x + 0.044715 * x.pow(3))
     t = torch.tanh(inner)
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3 * 0.044715 * x * x)
 
 
 def gelu_tanh_backward(grad: Tensor, x: Tensor) -> Tensor:
