@@ -116,6 +116,7 @@ class TTTBlock(GradientCheckpointingLayer):
             conv_kernel=config.conv_kernel,
             rope_theta=config.rope_theta,
             remat_group_size=config.remat_group_size,
+            scan_backend=config.scan_backend,
         )
         self.ffn_norm = TTTRMSNorm(d, config.rms_norm_eps)
         self.mlp = TTTSwiGLU(d, config.intermediate_size)

@@ -1,4 +1,4 @@
-"""Depthwise causal 1-D convolution with a streaming state (spec §6 conv_q/conv_k, §7 pre-conv)."""
+"""Depthwise causal 1-D convolution with a streaming state (math §6 conv_q/conv_k, §7 pre-conv)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,11 @@
-"""Mini-batch TTT in the dual form: the fast path for TTT-Linear and TTT-MLP (spec §3, §5).
+"""Mini-batch TTT in the dual form: the fast path for TTT-Linear and TTT-MLP (math §3, §5).
 
 Tokens are aligned on a grid of mini-batches of ``b`` tokens (a row whose state is ``pos`` tokens into
 its open mini-batch starts ``pos`` slots into the grid; empty slots carry a zero learning rate and so
-touch nothing). Everything that does not depend on the inner weights (``E``, ``E * (Q K^T + 1)``,
-targets) is computed for all mini-batches at once; only the scan over mini-batches is sequential, and
-inside it every operation is a batched matmul over ``batch * heads``. Per-token weights are never
-materialised. Optionally the scan is rematerialised in groups of mini-batches
-(``torch.utils.checkpoint``), so training memory keeps only one weight state per group.
+touch nothing). The targets are formed for all tokens at once; the sequential scan over mini-batches
+(:mod:`ttt.ops.scan`, with its PyTorch, compiled-CPU and Triton backends and a hand-written backward)
+works on the ``[batch*heads, n_minibatches, b, F]`` grid, and the output LayerNorm is again applied to
+all tokens at once. Per-token weights are never materialised.
 """
 
 from __future__ import annotations
@@ -98,14 +97,14 @@ def ttt_dual(
     """
     _validate(xq, xk, xv, lr, coef, ln_w, ln_b, state, lengths)
     in_dtype = xq.dtype
-    cd = state.W1.dtype
+    inner_dtype = state.W1.dtype
     bsz, heads, length, f = xq.shape
-    mb = coef.shape[0]
+    mini_batch = coef.shape[0]
     device = xq.device
     if length == 0:
         return xq.new_zeros(xq.shape), state
-    xq, xk, xv, lr = xq.to(cd), xk.to(cd), xv.to(cd), lr.to(cd)
-    coef, ln_w, ln_b = coef.to(cd), ln_w.to(cd), ln_b.to(cd)
+    xq, xk, xv, lr = xq.to(inner_dtype), xk.to(inner_dtype), xv.to(inner_dtype), lr.to(inner_dtype)
+    coef, ln_w, ln_b = coef.to(inner_dtype), ln_w.to(inner_dtype), ln_b.to(inner_dtype)
 
     starts = state.pos.to(device)
     s_min, s_max = int(starts.min()), int(starts.max())
@@ -118,8 +117,8 @@ def ttt_dual(
             raise ValueError(f"lengths must lie in [0, {length}], got {lengths.tolist()}")
         uniform = s_min == s_max and bool((n_vec == length).all())
     ends = starts + n_vec
-    n_mb = -(-int(ends.max()) // mb)
-    total = n_mb * mb
+    n_mb = -(-int(ends.max()) // mini_batch)
+    total = n_mb * mini_batch
     if uniform and s_min == 0 and total == length:
         aq, ak, av, alr = xq, xk, xv, lr
     else:
@@ -131,7 +130,7 @@ def ttt_dual(
     rows = bsz * heads
 
     def grid(x: Tensor) -> Tensor:  # [B, H, total, F] -> [B*H, n_mb, b, F] (a view)
-        return x.reshape(rows, n_mb, mb, x.shape[-1])
+        return x.reshape(rows, n_mb, mini_batch, x.shape[-1])
 
     k, q = grid(ak).contiguous(), grid(aq).contiguous()
     if ln_residual:
@@ -139,9 +138,9 @@ def ttt_dual(
         lnw = ln_w.view(1, heads, f).expand(bsz, heads, f).reshape(rows, f)
     else:
         s, lnw = -grid(av).contiguous(), None
-    lr_g = alr.reshape(rows, n_mb, mb).contiguous()
+    lr_g = alr.reshape(rows, n_mb, mini_batch).contiguous()
     # mini-batch m of a row closes (its weights step) iff the row's tokens fill it entirely
-    n_complete = (ends // mb).repeat_interleave(heads)
+    n_complete = (ends // mini_batch).repeat_interleave(heads)
 
     def flat(t: Tensor) -> Tensor:
         return t.reshape(rows, *t.shape[2:])
@@ -160,10 +159,7 @@ def ttt_dual(
     def unflat(t: Tensor) -> Tensor:
         return t.reshape(bsz, heads, *t.shape[1:])
 
-    c = [unflat(t) for t in final]
-    pos = ends % mb
-    if state.is_mlp:
-        new = InnerState(c[0], c[1], c[4], c[5], pos, c[2], c[3], c[6], c[7])
-    else:
-        new = InnerState(c[0], c[1], c[2], c[3], pos)
+    final = [unflat(t) for t in final]
+    n_w = len(final) // 2
+    new = InnerState.from_parts(tuple(final[:n_w]), tuple(final[n_w:]), ends % mini_batch)
     return out.to(in_dtype), new

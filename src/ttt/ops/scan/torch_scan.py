@@ -25,21 +25,18 @@ EPS = 1e-6
 # building blocks (batched over rows: every tensor has a leading [R] dimension)
 # --------------------------------------------------------------------------------------------------
 
-def _ln_stats(z: Tensor) -> tuple[Tensor, Tensor]:
-    """``xhat = (z - mean) * rstd`` and ``rstd = 1 / sqrt(var + eps)`` over the last dimension."""
-    mu = z.mean(-1, keepdim=True)
-    zc = z - mu
-    rstd = torch.rsqrt((zc * zc).mean(-1, keepdim=True) + EPS)
-    return zc * rstd, rstd
+def _ln_grad(z: Tensor, s: Tensor, ln_w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradient ``G`` of ``0.5 * ||LN(z) - target||^2`` w.r.t. ``z`` (math §2), ``s = ln_b - target``.
 
-
-def _ln_grad(xhat: Tensor, rstd: Tensor, s: Tensor, ln_w: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradient ``G`` of ``0.5 * ||ln_w * xhat + ln_b - target||^2`` w.r.t. the LayerNorm input.
-
-    ``s = ln_b - target``. Returns ``(G, gy)`` with ``gy = ln_w * (ln_w * xhat + s)``.
+    Returns ``(G, xhat, rstd, gy)`` with ``gy = ln_w * (ln_w * xhat + s)``; ``G`` is the LayerNorm
+    backward of ``gy`` (:func:`_ln_backward`), computed with PyTorch's fused LayerNorm kernels.
     """
-    gy = ln_w * (ln_w * xhat + s)
-    return _ln_backward(gy, xhat, rstd), gy
+    f = z.shape[-1]
+    xhat, mean, rstd = torch.ops.aten.native_layer_norm(z, [f], None, None, EPS)
+    gy = ln_w * torch.addcmul(s, xhat, ln_w)
+    g = torch.ops.aten.native_layer_norm_backward(gy, z, [f], mean, rstd, None, None,
+                                                   [True, False, False])[0]
+    return g, xhat, rstd, gy
 
 
 def _ln_backward(d: Tensor, xhat: Tensor, rstd: Tensor) -> Tensor:
@@ -66,9 +63,9 @@ def _tril(b: int, device: torch.device) -> Tensor:
 
 
 def _tril_e(coef: Tensor, lr: Tensor) -> Tensor:
-    """``E[r, i, j] = coef_i * lr[r, j]`` for ``j <= i``, else 0: ``[R, b, b]``."""
+    """``E[..., i, j] = coef_i * lr[..., j]`` for ``j <= i``, else 0: ``lr [..., b]`` -> ``[..., b, b]``."""
     b = coef.shape[0]
-    return torch.where(_tril(b, coef.device), coef.view(1, b, 1) * lr.unsqueeze(1), coef.new_zeros(()))
+    return torch.where(_tril(b, coef.device), coef.view(b, 1) * lr.unsqueeze(-2), coef.new_zeros(()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -76,20 +73,17 @@ def _tril_e(coef: Tensor, lr: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 def linear_step(state: tuple[Tensor, ...], k: Tensor, q: Tensor, s: Tensor, lr: Tensor, coef: Tensor,
-                ln_w: Tensor | None, complete: Tensor, first: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """One TTT-Linear mini-batch: ``k, q, s [R, b, F]``, ``lr [R, b]``, ``complete [R]`` (bool).
+                ln_w: Tensor | None, complete: Tensor | None, first: bool, e: Tensor
+                ) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One TTT-Linear mini-batch: ``k, q, s [R, b, F]``, ``lr [R, b]``, ``e = E [R, b, b]``.
 
-    ``ln_w is None`` drops the inner LayerNorm (then ``s = -target`` and the gradient is ``Z + s``).
-    Returns ``(Zbar [R, b, F], new state)``.
+    ``complete [R]`` (bool) says which rows close the mini-batch (``None``: all of them); ``first``
+    adds the carried accumulators' term to the outputs. ``ln_w is None`` drops the inner LayerNorm
+    (then ``s = -target`` and the gradient is ``Z + s``). Returns ``(Zbar [R, b, F], new state)``.
     """
     w, bias, gw, gb = state
     z = torch.baddbmm(bias, k, w)
-    if ln_w is None:
-        g = z + s
-    else:
-        xhat, rstd = _ln_stats(z)
-        g, _ = _ln_grad(xhat, rstd, s, ln_w)
-    e = _tril_e(coef, lr)
+    g = z + s if ln_w is None else _ln_grad(z, s, ln_w)[0]
     a = e * (torch.bmm(q, k.transpose(1, 2)) + 1.0)
     zbar = torch.baddbmm(torch.baddbmm(bias, q, w), a, g, alpha=-1.0)
     if first:
@@ -101,16 +95,15 @@ def linear_step(state: tuple[Tensor, ...], k: Tensor, q: Tensor, s: Tensor, lr: 
 
 
 def mlp_step(state: tuple[Tensor, ...], k: Tensor, q: Tensor, s: Tensor, lr: Tensor, coef: Tensor,
-             ln_w: Tensor, complete: Tensor, first: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+             ln_w: Tensor, complete: Tensor | None, first: bool, e: Tensor
+             ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One TTT-MLP mini-batch (the dual form applied layer by layer); same contract as linear_step."""
     w1, b1, w2, b2, gw1, gb1, gw2, gb2 = state
     z1 = torch.baddbmm(b1, k, w1)
     x2 = gelu_tanh(z1)
     z2 = torch.baddbmm(b2, x2, w2)
-    xhat, rstd = _ln_stats(z2)
-    g2, _ = _ln_grad(xhat, rstd, s, ln_w)
+    g2 = _ln_grad(z2, s, ln_w)[0]
     g1 = gelu_tanh_backward(torch.bmm(g2, w2.transpose(1, 2)), z1)
-    e = _tril_e(coef, lr)
     c = coef.view(1, -1, 1)
     a1 = e * (torch.bmm(q, k.transpose(1, 2)) + 1.0)
     zb1 = torch.baddbmm(torch.baddbmm(b1, q, w1), a1, g1, alpha=-1.0)
@@ -127,9 +120,12 @@ def mlp_step(state: tuple[Tensor, ...], k: Tensor, q: Tensor, s: Tensor, lr: Ten
     return zb2, _close(complete, coef[-1], (w1, b1, w2, b2), accs)
 
 
-def _close(complete: Tensor, coef_last: Tensor, weights: tuple[Tensor, ...], accs: tuple[Tensor, ...]
-           ) -> tuple[Tensor, ...]:
+def _close(complete: Tensor | None, coef_last: Tensor, weights: tuple[Tensor, ...],
+           accs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """End of a mini-batch: complete rows step their weights by ``coef_last * acc`` and reset ``acc``."""
+    if complete is None:
+        return (tuple(w - coef_last * a for w, a in zip(weights, accs))
+                + tuple(torch.zeros_like(a) for a in accs))
     c = complete.view(-1, 1, 1)
     new_w = tuple(torch.where(c, w - coef_last * a, w) for w, a in zip(weights, accs))
     new_a = tuple(torch.where(c, torch.zeros((), dtype=a.dtype, device=a.device), a) for a in accs)
@@ -140,11 +136,13 @@ def _close(complete: Tensor, coef_last: Tensor, weights: tuple[Tensor, ...], acc
 # one mini-batch, backward (recomputes the step's forward from its start state)
 # --------------------------------------------------------------------------------------------------
 
-def _close_backward(complete: Tensor, coef_last: Tensor, accs: tuple[Tensor, ...],
+def _close_backward(complete: Tensor | None, coef_last: Tensor, accs: tuple[Tensor, ...],
                     d_new: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tensor]:
     """Backward of :func:`_close`: returns ``(d weights, d accs, d coef_last)``."""
     n = len(accs)
     d_w, d_acc_out = d_new[:n], d_new[n:]
+    if complete is None:
+        return d_w, tuple(-coef_last * dw for dw in d_w), -sum((a * dw).sum() for a, dw in zip(accs, d_w))
     c = complete.view(-1, 1, 1)
     d_acc = tuple(torch.where(c, -coef_last * dw, da) for dw, da in zip(d_w, d_acc_out))
     d_cl = -sum(torch.where(c, a * dw, torch.zeros((), dtype=a.dtype, device=a.device)).sum()
@@ -159,7 +157,7 @@ def _e_backward(d_e: Tensor, coef: Tensor, lr: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def linear_step_backward(state: tuple[Tensor, ...], k: Tensor, q: Tensor, s: Tensor, lr: Tensor,
-                         coef: Tensor, ln_w: Tensor | None, complete: Tensor, first: bool,
+                         coef: Tensor, ln_w: Tensor | None, complete: Tensor | None, first: bool, e: Tensor,
                          d_zbar: Tensor, d_new: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """Gradients of one TTT-Linear mini-batch.
 
@@ -170,9 +168,7 @@ def linear_step_backward(state: tuple[Tensor, ...], k: Tensor, q: Tensor, s: Ten
     if ln_w is None:
         g = z + s
     else:
-        xhat, rstd = _ln_stats(z)
-        g, gy = _ln_grad(xhat, rstd, s, ln_w)
-    e = _tril_e(coef, lr)
+        g, xhat, rstd, gy = _ln_grad(z, s, ln_w)
     qk1 = torch.bmm(q, k.transpose(1, 2)) + 1.0
     a = e * qk1
     lg = lr.unsqueeze(-1) * g
@@ -226,7 +222,7 @@ def _gelu_tanh_grad2(x: Tensor) -> Tensor:
 
 
 def mlp_step_backward(state: tuple[Tensor, ...], k: Tensor, q: Tensor, s: Tensor, lr: Tensor,
-                      coef: Tensor, ln_w: Tensor, complete: Tensor, first: bool,
+                      coef: Tensor, ln_w: Tensor, complete: Tensor | None, first: bool, e: Tensor,
                       d_zbar: Tensor, d_new: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """Gradients of one TTT-MLP mini-batch.
 
@@ -237,12 +233,10 @@ def mlp_step_backward(state: tuple[Tensor, ...], k: Tensor, q: Tensor, s: Tensor
     z1 = torch.baddbmm(b1, k, w1)
     x2 = gelu_tanh(z1)
     z2 = torch.baddbmm(b2, x2, w2)
-    xhat, rstd = _ln_stats(z2)
-    g2, gy = _ln_grad(xhat, rstd, s, ln_w)
+    g2, xhat, rstd, gy = _ln_grad(z2, s, ln_w)
     p = torch.bmm(g2, t(w2))
     dgelu1 = gelu_tanh_grad(z1)
     g1 = p * dgelu1
-    e = _tril_e(coef, lr)
     c = coef.view(1, -1, 1)
     qk1 = torch.bmm(q, t(k)) + 1.0
     a1 = e * qk1
@@ -324,6 +318,12 @@ def mlp_step_backward(state: tuple[Tensor, ...], k: Tensor, q: Tensor, s: Tensor
 # the whole scan
 # --------------------------------------------------------------------------------------------------
 
+def _complete(n_complete: Tensor, n: int) -> list[Tensor | None]:
+    """Per mini-batch: which rows close it (``None`` when all do, the common case)."""
+    lo = int(n_complete.min()) if n_complete.numel() else n
+    return [None if m < lo else n_complete > m for m in range(n)]
+
+
 def _steps(n_state: int):
     return (mlp_step, mlp_step_backward) if n_state == 8 else (linear_step, linear_step_backward)
 
@@ -338,11 +338,12 @@ def scan_forward(k: Tensor, q: Tensor, s: Tensor, lr: Tensor, coef: Tensor, ln_w
     """
     step, _ = _steps(len(state))
     lnw = None if ln_w is None else ln_w.unsqueeze(1)
+    e, complete = _tril_e(coef, lr), _complete(n_complete, k.shape[1])
     zbars, ckpts = [], []
     for m in range(k.shape[1]):
         if save and m % group == 0:
             ckpts.append(state)
-        z, state = step(state, k[:, m], q[:, m], s[:, m], lr[:, m], coef, lnw, n_complete > m, m == 0)
+        z, state = step(state, k[:, m], q[:, m], s[:, m], lr[:, m], coef, lnw, complete[m], m == 0, e[:, m])
         zbars.append(z)
     saved = tuple(torch.stack(c, 1) for c in zip(*ckpts)) if save else ()
     return torch.stack(zbars, 1), state, saved
@@ -359,6 +360,7 @@ def scan_backward(k: Tensor, q: Tensor, s: Tensor, lr: Tensor, coef: Tensor, ln_
     step, step_bw = _steps(len(d_final))
     n = k.shape[1]
     lnw = None if ln_w is None else ln_w.unsqueeze(1)
+    e, complete = _tril_e(coef, lr), _complete(n_complete, n)
     dk, dq, ds = torch.empty_like(k), torch.empty_like(q), torch.empty_like(s)
     dlr = torch.empty_like(lr)
     dcoef = torch.zeros_like(coef)
@@ -369,11 +371,11 @@ def scan_backward(k: Tensor, q: Tensor, s: Tensor, lr: Tensor, coef: Tensor, ln_
         st = tuple(c[:, gi] for c in saved)
         starts = [st]
         for m in range(m0, m1 - 1):
-            _, st = step(st, k[:, m], q[:, m], s[:, m], lr[:, m], coef, lnw, n_complete > m, m == 0)
+            _, st = step(st, k[:, m], q[:, m], s[:, m], lr[:, m], coef, lnw, complete[m], m == 0, e[:, m])
             starts.append(st)
         for m in reversed(range(m0, m1)):
-            res = step_bw(starts[m - m0], k[:, m], q[:, m], s[:, m], lr[:, m], coef, lnw, n_complete > m,
-                          m == 0, d_zbar[:, m], d_state)
+            res = step_bw(starts[m - m0], k[:, m], q[:, m], s[:, m], lr[:, m], coef, lnw, complete[m],
+                          m == 0, e[:, m], d_zbar[:, m], d_state)
             ns = len(d_state)
             d_state = res[:ns]
             dk[:, m], dq[:, m], ds[:, m], dlr[:, m] = res[ns:ns + 4]
