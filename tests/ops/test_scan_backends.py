@@ -102,12 +102,14 @@ def _check_against_reference(backend, mlp, case, dtype):
     if prefix is not None:  # run a prefix first, so rows carry partially filled mini-batches
         pre, _ = make_inputs(bsz, heads, max(prefix), f, mb, mlp, seed=7)
         with torch.no_grad():
-            _, carried64 = ttt_reference(*pre[:4], *inputs64[4:], InnerState.from_weights(tuple(weights64), bsz),
-                                         lengths=torch.tensor(prefix))
+            fresh = InnerState.from_weights(tuple(weights64), bsz)
+            _, carried64 = ttt_reference(*pre[:4], *inputs64[4:], fresh, lengths=torch.tensor(prefix))
     lengths = None if ragged is None else torch.tensor(ragged)
     ref_vals, ref_grads, ref_pos = _run(ttt_reference, inputs64, weights64, carried64, lengths)
     cast = [t.to(dtype) for t in inputs64]
-    carried = None if carried64 is None else carried64._map(lambda t: t.to(dtype) if t.is_floating_point() else t)
+    carried = None
+    if carried64 is not None:
+        carried = carried64._map(lambda t: t.to(dtype) if t.is_floating_point() else t)
     vals, grads, pos = _run(ttt_dual, cast, [w.to(dtype) for w in weights64], carried, lengths,
                             remat_group_size=group, backend=backend)
     assert torch.equal(pos, ref_pos)
@@ -115,7 +117,8 @@ def _check_against_reference(backend, mlp, case, dtype):
     for i, (a, b) in enumerate(zip(vals, ref_vals, strict=True)):
         assert a.dtype == dtype
         assert rel_err(a, b) <= tol, f"value {i}: {rel_err(a, b):.2e}"
-    names = ["xq", "xk", "xv", "lr", "coef", "ln_w", "ln_b"] + [f"state{i}" for i in range(len(ref_grads) - 7)]
+    names = ["xq", "xk", "xv", "lr", "coef", "ln_w", "ln_b"]
+    names += [f"state{i}" for i in range(len(ref_grads) - 7)]
     for name, a, b in zip(names, grads, ref_grads, strict=True):
         assert a is not None and b is not None, name
         assert rel_err(a, b) <= tol, f"grad {name}: {rel_err(a, b):.2e}"
@@ -264,7 +267,8 @@ def test_fresh_process_without_compiler_uses_torch_scan(tmp_path) -> None:
         x = [torch.randn(1, 2, 9, 8, generator=g, dtype=torch.float64) for _ in range(3)]
         lr, coef = torch.full((1, 2, 9), 0.1, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
         ln_w, ln_b = torch.ones(2, 8, dtype=torch.float64), torch.zeros(2, 8, dtype=torch.float64)
-        w = (0.1 * torch.randn(2, 8, 8, generator=g, dtype=torch.float64), torch.zeros(2, 1, 8, dtype=torch.float64))
+        w = (0.1 * torch.randn(2, 8, 8, generator=g, dtype=torch.float64),
+             torch.zeros(2, 1, 8, dtype=torch.float64))
         st = InnerState.from_weights(w, 1)
         a, _ = ttt_dual(*x, lr, coef, ln_w, ln_b, st)
         b, _ = ttt_dual(*x, lr, coef, ln_w, ln_b, st, backend="torch")

@@ -8,8 +8,8 @@ temporary directory and is moved into place atomically, so an interrupted build 
 library behind. Without a working compiler :func:`load` raises, and the dispatcher in
 :mod:`ttt.ops.scan` warns once and uses the PyTorch scan. Design notes: ``docs/scan-backward.md``.
 
-Environment: ``TTT_EXTENSIONS_DIR`` (cache directory, default ``$XDG_CACHE_HOME/ttt/extensions`` or
-``~/.cache/ttt/extensions``), ``CXX`` (compiler, default ``c++``), ``TTT_CPP_VERBOSE=1`` (show the build).
+Environment: ``TTT_EXTENSIONS_DIR`` (cache directory, default ``~/.cache/ttt/extensions``, shared with
+:mod:`ttt.ops.extension`), ``CXX`` (compiler, default ``c++``), ``TTT_CPP_VERBOSE=1`` (show the build).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..extension import extensions_dir
+
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("scan_ops.cpp", "scan_linear.cpp", "scan_mlp.cpp")
 HEADERS = ("scan_api.h", "scan_driver.h", "scan_kernels.h")
@@ -38,8 +40,8 @@ _loaded_from: Path | None = None
 
 
 def cflags() -> list[str]:
-    """Compiler flags: ``-O3`` and the build machine's own instruction set (the build runs where it is used)."""
-    flags = ["-O3", "-DNDEBUG"]
+    """Compiler flags: ``-O3`` and the build machine's own instruction set (it builds where it runs)."""
+    flags = ["-O3", "-DNDEBUG", "-fno-math-errno"]
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
         flags.append("-march=native")
@@ -53,7 +55,7 @@ def _compiler() -> str:
 
 
 def _cpu_id() -> str:
-    """A description of the CPU, for the cache key (``-march=native`` code runs only on its own kind of CPU)."""
+    """The CPU, for the cache key (``-march=native`` code runs only on its own kind of CPU)."""
     try:
         with open("/proc/cpuinfo") as fh:
             info = fh.read()
@@ -64,12 +66,8 @@ def _cpu_id() -> str:
 
 
 def cache_root() -> Path:
-    """Where built libraries are kept (``$TTT_EXTENSIONS_DIR`` or the user cache directory)."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ttt" / "extensions"
+    """Where built libraries are kept: the package's extension cache (``$TTT_EXTENSIONS_DIR``)."""
+    return extensions_dir()
 
 
 def cache_key() -> str:
@@ -192,7 +190,8 @@ class CppBackend:
         out = torch.ops.ttt_scan.backward(
             k.contiguous(), q.contiguous(), s.contiguous(), lr.contiguous(), coef.contiguous(),
             None if ln_w is None else ln_w.contiguous(), n_complete.to(torch.long).contiguous(),
-            [t.contiguous() for t in saved], int(group), d_zbar.contiguous(), [t.contiguous() for t in d_final])
+            [t.contiguous() for t in saved], int(group), d_zbar.contiguous(),
+            [t.contiguous() for t in d_final])
         dk, dq, ds, dlr, dcoef_rows, dlnw, *d_state = out
         return (dk, dq, ds, dlr, dcoef_rows.sum(0), None if ln_w is None else dlnw, *d_state)
 

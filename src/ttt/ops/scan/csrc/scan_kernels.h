@@ -35,9 +35,20 @@ template <typename T> inline vec_t<T> vsplat(T a) {
   vec_t<T> v = {};
   return v + a;
 }
+// horizontal sum: fold the 64-byte vector in halves (vector adds), then add the last 16 bytes' lanes
 template <typename T> inline T hsum(vec_t<T> v) {
+  typedef T H __attribute__((vector_size(32)));
+  typedef T Q __attribute__((vector_size(16)));
+  H lo, hi;
+  std::memcpy(&lo, &v, 32);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+  const H h = lo + hi;
+  Q ql, qh;
+  std::memcpy(&ql, &h, 16);
+  std::memcpy(&qh, reinterpret_cast<const char*>(&h) + 16, 16);
+  const Q q = ql + qh;
   T s = 0;
-  for (int i = 0; i < VW<T>; ++i) s += v[i];
+  for (int i = 0; i < int(16 / sizeof(T)); ++i) s += q[i];
   return s;
 }
 
@@ -68,19 +79,17 @@ inline void mm_block(long K, const T* __restrict A, long ars, long acs, const T*
   }
   for (int i = 0; i < MR; ++i) {
     T* c = C + i * crs;
-    if (ccs == 1) {
-      for (int v = 0; v < NV; ++v) {
-        V r = alpha * acc[i][v];
+    for (int v = 0; v < NV; ++v) {
+      V r = alpha * acc[i][v];
+      if (ccs == 1) {
         if (beta) r += vload(c + v * W);
         vstore(c + v * W, r);
+      } else {  // transposed result: scatter through a small buffer (keeps acc in registers)
+        T tmp[W];
+        vstore(tmp, r);
+        T* cv = c + v * W * ccs;
+        for (int j = 0; j < W; ++j) cv[j * ccs] = beta ? cv[j * ccs] + tmp[j] : tmp[j];
       }
-    } else {
-      for (int v = 0; v < NV; ++v)
-        for (int j = 0; j < W; ++j) {
-          T r = alpha * acc[i][v][j];
-          T* cj = c + (v * W + j) * ccs;
-          *cj = beta ? *cj + r : r;
-        }
     }
   }
 }
@@ -110,7 +119,9 @@ inline void mm_panel(long M, long K, const T* A, long ars, long acs, const T* B,
   long i = 0;
   for (; i + MR <= M; i += MR)
     mm_block<T, MR, NV>(K, A + i * ars, ars, acs, B, ldb, C + i * crs, crs, ccs, alpha, beta);
-  for (; i < M; ++i) mm_block<T, 1, NV>(K, A + i * ars, ars, acs, B, ldb, C + i * crs, crs, ccs, alpha, beta);
+  if constexpr (MR > 1) {
+    if (i < M) mm_panel<T, MR / 2, NV>(M - i, K, A + i * ars, ars, acs, B, ldb, C + i * crs, crs, ccs, alpha, beta);
+  }
 }
 
 template <typename T>
@@ -119,8 +130,8 @@ void mm(long M, long N, long K, const T* A, long ars, long acs, const T* B, long
   constexpr int W = VW<T>;
   long j = 0;
   for (; j + 2 * W <= N; j += 2 * W)
-    mm_panel<T, 4, 2>(M, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta);
-  for (; j + W <= N; j += W) mm_panel<T, 8, 1>(M, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta);
+    mm_panel<T, 8, 2>(M, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta);
+  for (; j + W <= N; j += W) mm_panel<T, 16, 1>(M, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta);
   if (j < N) mm_tail<T>(M, N - j, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta);
 }
 
@@ -257,9 +268,10 @@ template <typename T> void gelu(long n, const T* z, T* x, T* d1, T* d2) {
 
 constexpr double LN_EPS = 1e-6;
 
-// z [b x F] -> xhat [b x F], rstd [b], gy [b x F] (= ln_w * (ln_w * xhat + s)), G [b x F]
+// z [b x F] -> xhat [b x F], rstd [b], gy [b x F] (= ln_w * (ln_w * xhat + s)), G [b x F]; no aliasing
 template <typename T>
-void ln_grad(long b, long F, const T* z, const T* s, const T* lnw, T* xhat, T* rstd, T* gy, T* G) {
+void ln_grad(long b, long F, const T* __restrict z, const T* __restrict s, const T* __restrict lnw,
+             T* __restrict xhat, T* __restrict rstd, T* __restrict gy, T* __restrict G) {
   const T invf = T(1) / T(F);
   for (long i = 0; i < b; ++i) {
     const T* zi = z + i * F;
@@ -283,8 +295,10 @@ void ln_grad(long b, long F, const T* z, const T* s, const T* lnw, T* xhat, T* r
 // Backward of ln_grad: dG -> dZ (written to dz), dS (written to ds), d ln_w accumulated into dlnw.
 // scratch: 2 * F elements.
 template <typename T>
-void ln_grad_backward(long b, long F, const T* dg, const T* G, const T* gy, const T* xhat, const T* rstd,
-                      const T* s, const T* lnw, T* dz, T* ds, T* dlnw, T* scratch) {
+void ln_grad_backward(long b, long F, const T* __restrict dg, const T* __restrict G, const T* __restrict gy,
+                      const T* __restrict xhat, const T* __restrict rstd, const T* __restrict s,
+                      const T* __restrict lnw, T* __restrict dz, T* __restrict ds, T* __restrict dlnw,
+                      T* __restrict scratch) {
   const T invf = T(1) / T(F);
   T* dgy = scratch;
   T* dxh = scratch + F;

@@ -41,13 +41,14 @@ template <typename T> struct Linear {
     T* KT = scratch;
     T* A = KT + F * b;
     T* tmp = A + b * b;
+    T* z = tmp + b * F;
     // Z = K W + bias; G = grad of the inner loss at Z
-    mm_nn<T>(b, F, F, mb.K, W, t.xhat);
-    add_rows(b, F, bias, t.xhat);
+    mm_nn<T>(b, F, F, mb.K, W, z);
+    add_rows(b, F, bias, z);
     if (d.has_ln) {
-      ln_grad<T>(b, F, t.xhat, mb.S, mb.lnw, t.xhat, t.rstd, t.gy, t.G);
+      ln_grad<T>(b, F, z, mb.S, mb.lnw, t.xhat, t.rstd, t.gy, t.G);
     } else {
-      for (long i = 0; i < b * F; ++i) t.G[i] = t.xhat[i] + mb.S[i];
+      for (long i = 0; i < b * F; ++i) t.G[i] = z[i] + mb.S[i];
     }
     transpose<T>(b, F, mb.K, KT);
     mm_nn<T>(b, b, F, mb.Q, KT, t.qk);

@@ -67,9 +67,10 @@ template <typename T> struct Mlp {
     add_rows(b, H, b1, t.x2);
     gelu<T>(b * H, t.x2, t.x2, t.dg1, full ? t.d2g1 : nullptr);
     // Z2 = X2 W2 + b2, G2 = grad of the inner loss at Z2, G1 = (G2 W2^T) * gelu'(Z1)
-    mm_nn<T>(b, F, H, t.x2, W2, t.xhat);
-    add_rows(b, F, b2, t.xhat);
-    ln_grad<T>(b, F, t.xhat, mb.S, mb.lnw, t.xhat, t.rstd, t.gy, t.G2);
+    T* z2 = tmp + b * H;
+    mm_nn<T>(b, F, H, t.x2, W2, z2);
+    add_rows(b, F, b2, z2);
+    ln_grad<T>(b, F, z2, mb.S, mb.lnw, t.xhat, t.rstd, t.gy, t.G2);
     transpose<T>(b, F, t.G2, tT);
     mm_nt<T>(b, H, F, tT, W2, t.p);
     for (long i = 0; i < b * H; ++i) t.G1[i] = t.p[i] * t.dg1[i];
