@@ -44,6 +44,8 @@ template <typename T> inline bool any_nonzero(const T* x, long n) {
   return false;
 }
 
+// Accumulators (the second half of the state) are tracked by a flag acc_nz: when it is false they are
+// zero and their memory may be stale (never read; written as zeros where a state leaves the scan).
 // Model<T> provides: NS (number of state tensors; the second half are the accumulators),
 // sizes(d, out[NS]), tape_size(d), scratch_size(d),
 // tape(d, st, acc_nz, mb, tape, scratch, zbar_or_null, full),
@@ -70,14 +72,21 @@ void scan_forward_impl(const Dims& d, const T* k, const T* q, const T* s, const 
       const long base = r * d.N;
       for (long m = 0; m < d.N; ++m) {
         if (!ckpt.empty() && m % group == 0)
-          for (int i = 0; i < NS; ++i)
-            std::copy(st[i], st[i] + sz[i], ckpt[i] + (r * n_groups + m / group) * sz[i]);
+          for (int i = 0; i < NS; ++i) {
+            T* c = ckpt[i] + (r * n_groups + m / group) * sz[i];
+            if (i < NS / 2 || acc_nz)
+              std::copy(st[i], st[i] + sz[i], c);
+            else
+              std::fill(c, c + sz[i], T(0));
+          }
         const long o = (base + m) * bf;
         Mb<T> mb{k + o, q + o, s + o, lr + (base + m) * d.b, coef, lnw ? lnw + r * d.F : nullptr,
                  m == 0, m < n_complete[r]};
         Model::tape(d, st, acc_nz, mb, tape.data(), scratch.data(), zbar + o, false);
         Model::update(d, st, acc_nz, mb, tape.data(), scratch.data());
       }
+      if (!acc_nz)
+        for (int i = NS / 2; i < NS; ++i) std::fill(st[i], st[i] + sz[i], T(0));
     }
   });
 }
@@ -141,7 +150,8 @@ void scan_backward_impl(const Dims& d, const T* k, const T* q, const T* s, const
           if (m + 1 < m1) {
             T* nx[NS];
             slot(j + 1, nx);
-            std::copy(st[0], st[0] + state_size, nx[0]);
+            std::copy(st[0], st[NS / 2], nx[0]);  // weights; accumulators only when non-zero
+            if (acc[j]) std::copy(st[NS / 2], st[0] + state_size, nx[NS / 2]);
             bool a = acc[j];
             Model::update(d, nx, a, mb, tapes.data() + j * tsz, scratch.data());
             acc[j + 1] = a;

@@ -78,15 +78,13 @@ template <typename T> struct Linear {
       if (acc_nz) {
         for (long i = 0; i < F * F; ++i) W[i] -= cl * gW[i];
         for (long i = 0; i < F; ++i) bias[i] -= cl * gb[i];
-        std::fill(gW, gW + F * F, T(0));
-        std::fill(gb, gb + F, T(0));
-        acc_nz = false;
+        acc_nz = false;  // the accumulators' memory is stale from here on (see scan_driver.h)
       }
       mm_tn<T>(F, F, b, mb.K, lg, W, -cl, true);
       colsum<T>(b, F, lg, bias, -cl, true);
     } else {
-      mm_tn<T>(F, F, b, mb.K, lg, gW, T(1), true);
-      colsum<T>(b, F, lg, gb, T(1), true);
+      mm_tn<T>(F, F, b, mb.K, lg, gW, T(1), acc_nz);
+      colsum<T>(b, F, lg, gb, T(1), acc_nz);
       acc_nz = true;
     }
   }
@@ -101,7 +99,9 @@ template <typename T> struct Linear {
     T* dlg = lg + bf;
     T* dg = dlg + bf;
     T* tT = dg + bf;  // transposes [F x b]
-    T* dz = tT + bf;
+    T* qk_stack = tT + bf;     // [Q; K] (2b x F)
+    T* dd_stack = qk_stack + 2 * bf;  // [dZbar; dZ] (2b x F): dW += Q^T dZbar + K^T dZ in one product
+    T* dz = dd_stack + bf;
     T* cz = dz + bf;
     T* tmp = cz + bf;
     T* da = tmp + bf;  // [b x b]
@@ -133,7 +133,6 @@ template <typename T> struct Linear {
       for (long j = 0; j < F; ++j) dg[i * F + j] = mb.lr[i] * dlg[i * F + j];
     }
     // Zbar = Q W + bias - A G [- c (Q gW + gb)]
-    mm_tn<T>(F, F, b, mb.Q, dzb, dW, T(1), true);
     colsum<T>(b, F, dzb, db, T(1), true);
     transpose<T>(b, F, dzb, tT);
     mm_nt<T>(b, F, F, tT, W, gr.dq);
@@ -179,7 +178,10 @@ template <typename T> struct Linear {
     }
     transpose<T>(b, F, dz, tT);
     mm_nt<T>(b, F, F, tT, W, gr.dk, T(1), true);
-    mm_tn<T>(F, F, b, mb.K, dz, dW, T(1), true);
+    std::copy(mb.Q, mb.Q + bf, qk_stack);
+    std::copy(mb.K, mb.K + bf, qk_stack + bf);
+    std::copy(dzb, dzb + bf, dd_stack);
+    mm_tn<T>(F, F, 2 * b, qk_stack, dd_stack, dW, T(1), true);
     colsum<T>(b, F, dz, db, T(1), true);
   }
 };

@@ -13,25 +13,27 @@ template <typename T> struct Mlp {
     sz[1] = sz[5] = d.H;
     sz[3] = sz[7] = d.F;
   }
-  // tape: X2, gelu'(Z1), gelu''(Z1), P = G2 W2^T, G1, gelu'(Zbar1), Xbar2 [b x H]; xhat, gy, G2 [b x F];
-  // rstd [b]; Q K^T, Xbar2 X2^T [b x b]
-  static long tape_size(const Dims& d) { return 7 * d.b * d.H + 3 * d.b * d.F + d.b + 2 * d.b * d.b; }
+  // tape: Xbar2, (room for dP in the backward), X2 (adjacent: one product for dW2), gelu'(Z1),
+  // gelu''(Z1), P = G2 W2^T, G1, gelu'(Zbar1) [b x H]; xhat, gy, G2 [b x F]; rstd [b];
+  // Q K^T, Xbar2 X2^T [b x b]
+  static long tape_size(const Dims& d) { return 8 * d.b * d.H + 3 * d.b * d.F + d.b + 2 * d.b * d.b; }
   static long scratch_size(const Dims& d) {
-    return 16 * d.b * d.H + 8 * d.b * d.F + 6 * d.b * d.b + 4 * d.F + 4 * d.H;
+    return 16 * d.b * d.H + 10 * d.b * d.F + 6 * d.b * d.b + 4 * d.F + 4 * d.H;
   }
 
   struct Tape {
-    T *x2, *dg1, *d2g1, *p, *G1, *dgb, *xb2, *xhat, *gy, *G2, *rstd, *qk, *xx;
+    T *xb2, *dp, *x2, *dg1, *d2g1, *p, *G1, *dgb, *xhat, *gy, *G2, *rstd, *qk, *xx;
     Tape(const Dims& d, T* ptr) {
       const long bh = d.b * d.H, bf = d.b * d.F;
-      x2 = ptr;
+      xb2 = ptr;
+      dp = xb2 + bh;
+      x2 = dp + bh;
       dg1 = x2 + bh;
       d2g1 = dg1 + bh;
       p = d2g1 + bh;
       G1 = p + bh;
       dgb = G1 + bh;
-      xb2 = dgb + bh;
-      xhat = xb2 + bh;
+      xhat = dgb + bh;
       gy = xhat + bf;
       G2 = gy + bf;
       rstd = G2 + bf;
@@ -109,19 +111,18 @@ template <typename T> struct Mlp {
         for (int s = 0; s < 4; ++s) {
           const long n = s % 2 ? (s == 1 ? H : F) : F * H;
           for (long i = 0; i < n; ++i) st[s][i] -= cl * st[s + 4][i];
-          std::fill(st[s + 4], st[s + 4] + n, T(0));
         }
-        acc_nz = false;
+        acc_nz = false;  // the accumulators' memory is stale from here on (see scan_driver.h)
       }
       mm_tn<T>(F, H, b, mb.K, lg1, st[0], -cl, true);
       colsum<T>(b, H, lg1, st[1], -cl, true);
       mm_tn<T>(H, F, b, t.x2, lg2, st[2], -cl, true);
       colsum<T>(b, F, lg2, st[3], -cl, true);
     } else {
-      mm_tn<T>(F, H, b, mb.K, lg1, st[4], T(1), true);
-      colsum<T>(b, H, lg1, st[5], T(1), true);
-      mm_tn<T>(H, F, b, t.x2, lg2, st[6], T(1), true);
-      colsum<T>(b, F, lg2, st[7], T(1), true);
+      mm_tn<T>(F, H, b, mb.K, lg1, st[4], T(1), acc_nz);
+      colsum<T>(b, H, lg1, st[5], T(1), acc_nz);
+      mm_tn<T>(H, F, b, t.x2, lg2, st[6], T(1), acc_nz);
+      colsum<T>(b, F, lg2, st[7], T(1), acc_nz);
       acc_nz = true;
     }
   }
@@ -139,19 +140,21 @@ template <typename T> struct Mlp {
     T* dg1 = dlg1 + bh;
     T* tT = dg1 + bh;
     T* dx2 = tT + bh + bf;
-    T* dxb2 = dx2 + bh;
-    T* cz = dxb2 + bh;
+    T* dxb2 = dx2 + bh;  // becomes dZbar1; [dZbar1; dZ1] (2b x H) for dW1
+    T* dz1 = dxb2 + bh;
+    T* cz = dz1 + bh;
     T* tmp = cz + bh;
-    T* dp = tmp + bh;
-    T* dz1 = dp + bh;
-    T* lg2 = dz1 + bh;
+    T* lg2 = tmp + bh;
     T* dlg2 = lg2 + bf;
     T* dg2 = dlg2 + bf;
-    T* dz2 = dg2 + bf;
-    T* da = dz2 + bf;
+    T* bstack = dg2 + bf;  // [dZbar2; G2; dZ2] (3b x F) for dW2
+    T* dz2 = bstack + 2 * bf;
+    T* qk_stack = bstack + 3 * bf;  // [Q; K] (2b x F) for dW1
+    T* da = qk_stack + 2 * bf;
     T* A = da + b * b;
     T* de = A + b * b;
     T* lns = de + b * b;
+    T* dp = t.dp;
     const T cl = mb.coef[b - 1];
     for (long i = 0; i < b; ++i) {
       for (long j = 0; j < H; ++j) lg1[i * H + j] = mb.lr[i] * t.G1[i * H + j];
@@ -190,7 +193,6 @@ template <typename T> struct Mlp {
       for (long j = 0; j < F; ++j) dg2[i * F + j] = mb.lr[i] * dlg2[i * F + j];
     }
     // second layer: Zbar2 = Xbar2 W2 + b2 - A2 G2 [- c (Xbar2 gW2 + gb2)]
-    mm_tn<T>(H, F, b, t.xb2, dzb, dW2, T(1), true);
     colsum<T>(b, F, dzb, db2, T(1), true);
     transpose<T>(b, F, dzb, tT);
     mm_nt<T>(b, H, F, tT, W2, dxb2);
@@ -223,7 +225,6 @@ template <typename T> struct Mlp {
     // first layer: Zbar1 = Q W1 + b1 - A1 G1 [- c (Q gW1 + gb1)]
     T* dzb1 = dxb2;
     for (long i = 0; i < bh; ++i) dzb1[i] = dxb2[i] * t.dgb[i];
-    mm_tn<T>(F, H, b, mb.Q, dzb1, dW1, T(1), true);
     colsum<T>(b, H, dzb1, db1, T(1), true);
     transpose<T>(b, H, dzb1, tT);
     mm_nt<T>(b, F, H, tT, W1, gr.dq);
@@ -264,18 +265,21 @@ template <typename T> struct Mlp {
       dz1[i] = dg1[i] * t.p[i] * t.d2g1[i];
     }
     mm_nn<T>(b, F, H, dp, W2, dg2, T(1), true);
-    mm_tn<T>(H, F, b, dp, t.G2, dW2, T(1), true);
     // G2 = grad of the inner loss at Z2 = X2 W2 + b2
     ln_grad_backward<T>(b, F, dg2, t.G2, t.gy, t.xhat, t.rstd, mb.S, mb.lnw, dz2, gr.ds, gr.dlnw, lns);
     transpose<T>(b, F, dz2, tT);
     mm_nt<T>(b, H, F, tT, W2, dx2, T(1), true);
-    mm_tn<T>(H, F, b, t.x2, dz2, dW2, T(1), true);
+    std::copy(dzb, dzb + bf, bstack);
+    std::copy(t.G2, t.G2 + bf, bstack + bf);
+    mm_tn<T>(H, F, 3 * b, t.xb2, bstack, dW2, T(1), true);  // Xbar2^T dZbar2 + dP^T G2 + X2^T dZ2
     colsum<T>(b, F, dz2, db2, T(1), true);
     // X2 = gelu(Z1), Z1 = K W1 + b1
     for (long i = 0; i < bh; ++i) dz1[i] += dx2[i] * t.dg1[i];
     transpose<T>(b, H, dz1, tT);
     mm_nt<T>(b, F, H, tT, W1, gr.dk, T(1), true);
-    mm_tn<T>(F, H, b, mb.K, dz1, dW1, T(1), true);
+    std::copy(mb.Q, mb.Q + bf, qk_stack);
+    std::copy(mb.K, mb.K + bf, qk_stack + bf);
+    mm_tn<T>(F, H, 2 * b, qk_stack, dxb2, dW1, T(1), true);  // Q^T dZbar1 + K^T dZ1
     colsum<T>(b, H, dz1, db1, T(1), true);
   }
 };
