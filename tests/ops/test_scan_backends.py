@@ -283,3 +283,13 @@ def test_fresh_process_without_compiler_uses_torch_scan(tmp_path) -> None:
     warn_lines = [ln for ln in res.stderr.splitlines() if "RuntimeWarning" in ln]
     assert len(warn_lines) == 1 and "no C++ compiler found" in warn_lines[0], res.stderr
     assert not list((tmp_path / "cache").rglob("*.so"))
+
+
+def test_scan_speed_benchmark_smoke() -> None:
+    from ttt.benchmarks import scan_speed
+
+    rows = scan_speed.main(["--lengths", "32", "--rounds", "1", "--backends", "torch", "--heads", "2",
+                            "--head-dim", "8"])
+    assert [(r["layer"], r["phase"]) for r in rows] == [
+        ("ttt_linear", "fwd"), ("ttt_linear", "fwd+bwd"), ("ttt_mlp", "fwd"), ("ttt_mlp", "fwd+bwd")]
+    assert all(r["torch_ms"] > 0 for r in rows)
