@@ -273,6 +273,41 @@ template <typename T>
 void ln_grad(long b, long F, const T* __restrict z, const T* __restrict s, const T* __restrict lnw,
              T* __restrict xhat, T* __restrict rstd, T* __restrict gy, T* __restrict G) {
   const T invf = T(1) / T(F);
+  constexpr int W = VW<T>;
+  typedef vec_t<T> V;
+  if (F % W == 0) {  // whole vectors: explicit SIMD, no per-row loop peeling or alias checks
+    for (long i = 0; i < b; ++i) {
+      const T* zi = z + i * F;
+      const T* si = s + i * F;
+      T* xi = xhat + i * F;
+      T* yi = gy + i * F;
+      T* gi = G + i * F;
+      V a = {};
+      for (long j = 0; j < F; j += W) a += vload(zi + j);
+      const T mu = hsum<T>(a) * invf;
+      V a2 = {};
+      for (long j = 0; j < F; j += W) {
+        const V x = vload(zi + j) - mu;
+        vstore(xi + j, x);
+        a2 += x * x;
+      }
+      const T r = T(1) / std::sqrt(hsum<T>(a2) * invf + T(LN_EPS));
+      rstd[i] = r;
+      V s1 = {}, s2 = {};
+      for (long j = 0; j < F; j += W) {
+        const V x = vload(xi + j) * r;
+        const V w = vload(lnw + j);
+        const V y = w * (w * x + vload(si + j));
+        vstore(xi + j, x);
+        vstore(yi + j, y);
+        s1 += y;
+        s2 += y * x;
+      }
+      const T m1 = hsum<T>(s1) * invf, m2 = hsum<T>(s2) * invf;
+      for (long j = 0; j < F; j += W) vstore(gi + j, r * (vload(yi + j) - m1 - vload(xi + j) * m2));
+    }
+    return;
+  }
   for (long i = 0; i < b; ++i) {
     const T* zi = z + i * F;
     const T* si = s + i * F;
@@ -302,6 +337,47 @@ void ln_grad_backward(long b, long F, const T* __restrict dg, const T* __restric
   const T invf = T(1) / T(F);
   T* dgy = scratch;
   T* dxh = scratch + F;
+  constexpr int W = VW<T>;
+  typedef vec_t<T> V;
+  if (F % W == 0) {  // whole vectors
+    for (long i = 0; i < b; ++i) {
+      const T* dgi = dg + i * F;
+      const T* gi = G + i * F;
+      const T* yi = gy + i * F;
+      const T* xi = xhat + i * F;
+      const T* si = s + i * F;
+      const T r = rstd[i];
+      V a = {}, a_x = {}, y_x = {}, a_g = {};
+      for (long j = 0; j < F; j += W) {
+        const V d = vload(dgi + j), x = vload(xi + j);
+        a += d;
+        a_x += d * x;
+        y_x += vload(yi + j) * x;
+        a_g += d * vload(gi + j);
+      }
+      const T mdg = hsum<T>(a) * invf, mdgx = hsum<T>(a_x) * invf, s2 = hsum<T>(y_x) * invf;
+      const T drstd = hsum<T>(a_g) / r;
+      V e = {}, f = {};
+      for (long j = 0; j < F; j += W) {
+        const V d = vload(dgi + j), x = vload(xi + j), w = vload(lnw + j);
+        const V u = r * (d - mdg - x * mdgx);
+        const V h = -r * (d * s2 + vload(yi + j) * mdgx) + w * w * u;
+        vstore(dgy + j, u);
+        vstore(dxh + j, h);
+        e += h;
+        f += h * x;
+      }
+      const T m1 = hsum<T>(e) * invf, m2 = hsum<T>(f) * invf;
+      const T k = r * r * drstd * invf;
+      for (long j = 0; j < F; j += W) {
+        const V x = vload(xi + j), w = vload(lnw + j), u = vload(dgy + j);
+        vstore(dz + i * F + j, r * (vload(dxh + j) - m1 - x * m2) - k * x);
+        vstore(ds + i * F + j, w * u);
+        vstore(dlnw + j, vload(dlnw + j) + u * (T(2) * w * x + vload(si + j)));
+      }
+    }
+    return;
+  }
   for (long i = 0; i < b; ++i) {
     const T* dgi = dg + i * F;
     const T* gi = G + i * F;
