@@ -293,3 +293,23 @@ def test_scan_speed_benchmark_smoke() -> None:
     assert [(r["layer"], r["phase"]) for r in rows] == [
         ("ttt_linear", "fwd"), ("ttt_linear", "fwd+bwd"), ("ttt_mlp", "fwd"), ("ttt_mlp", "fwd+bwd")]
     assert all(r["torch_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_cpp_scan_is_the_same_on_more_threads(kind) -> None:
+    """Rows run in parallel (at::parallel_for); the result must not depend on the thread count."""
+    impl = _backend("cpp")
+    args = random_scan_inputs(6, 5, 4, 8, kind == "mlp", True, torch.float64, seed=3)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            z, fin, saved = impl.forward(*args, 2, True)
+            d_z = torch.ones_like(z)
+            grads = impl.backward(*args[:7], saved, 2, d_z, tuple(torch.ones_like(t) for t in fin))
+            results.append([z, *fin, *saved, *grads])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

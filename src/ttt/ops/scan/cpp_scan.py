@@ -42,12 +42,20 @@ _loaded_from: Path | None = None
 def cflags() -> list[str]:
     """Compiler flags: ``-O3`` and the build machine's own instruction set (it builds where it runs)."""
     flags = ["-O3", "-DNDEBUG", "-fno-math-errno"]
+    if _openmp():
+        flags.append("-fopenmp")
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
         flags.append("-march=native")
     elif machine in ("arm64", "aarch64"):
         flags.append("-mcpu=native")
     return flags
+
+
+def _openmp() -> bool:
+    """Whether to compile with ``-fopenmp``: ATen's ``parallel_for`` is a header template that runs
+    serially unless the extension itself is compiled with OpenMP when torch's backend is OpenMP."""
+    return "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux")
 
 
 def _compiler() -> str:
@@ -127,6 +135,7 @@ def _build_into(target: Path) -> None:
             pass
         try:
             cpp_extension.load(name=NAME, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=cflags(),
+                               extra_ldflags=["-fopenmp"] if _openmp() else [],
                                extra_include_paths=[str(CSRC)], build_directory=str(tmp),
                                is_python_module=False, verbose=os.environ.get("TTT_CPP_VERBOSE") == "1")
         except Exception as exc:
