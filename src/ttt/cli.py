@@ -24,7 +24,12 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
-BENCHMARKS = {"layer": "layer_speed", "decode": "decode_speed", "train": "train_speed"}
+BENCHMARKS = {"layer": "layer_speed", "decode": "decode_speed", "train": "train_speed",
+              "prepare": "prepare_speed"}
+
+from .cli_data import data_app  # noqa: E402 - `ttt data prepare` / `ttt data info`
+
+app.add_typer(data_app, name="data")
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:

@@ -341,6 +341,17 @@ def _encoder(definition: str) -> Any:
     return enc
 
 
+def _worker_init(parent: int) -> None:
+    """Worker start-up: die with the parent (a killed prepare leaves no orphans), one thread each."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _maybe_die(where: str, what: str) -> None:
     if os.environ.get(KILL_ENV) == f"{where}:{what}":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -470,7 +481,8 @@ def _run_tasks(tasks: Iterator[_Task], workers: int, log: Callable[[str], None],
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; no fork warning
     pending: deque[tuple[dict[str, Any] | None, cf.Future | None]] = deque()
     try:
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                    initargs=(os.getpid(),)) as pool:
             for t in tasks:
                 meta = finished(t)
                 pending.append((meta, None) if meta is not None else (None, pool.submit(_write_shard, t)))
