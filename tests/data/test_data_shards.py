@@ -130,7 +130,7 @@ def _kill_run(cfg: PrepareConfig, out: Path, kill: str) -> subprocess.CompletedP
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
 
 
-def test_interrupted_prepare_resumes_identically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_killed_worker_resumes_identically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = str(_many_docs(tmp_path, 80))
     cfg = PrepareConfig(source=source, val_fraction=0.1, workers=2, shard_mb=0.0008)
     ref = tmp_path / "ref"
@@ -138,7 +138,7 @@ def test_interrupted_prepare_resumes_identically(tmp_path: Path, monkeypatch: py
     assert len(manifest["splits"]["train"]["shards"]) >= 6
     reference = _files(ref)
 
-    # 1. a worker is killed while it tokenizes shard train-00004: the run fails with a clear error ...
+    # a worker is killed while it tokenizes shard train-00004: the run fails with a clear error ...
     out = tmp_path / "out"
     monkeypatch.setenv(KILL_ENV, "worker:train-00004")
     with pytest.raises(DataError, match="a tokenizer worker died .* run the same prepare again"):
@@ -152,7 +152,15 @@ def test_interrupted_prepare_resumes_identically(tmp_path: Path, monkeypatch: py
     assert _files(out) == reference
     assert all((out / "shards" / n).stat().st_mtime_ns == t for n, t in kept.items())
 
-    # 2. the whole process is killed (SIGKILL) after 3 finished shards
+
+
+def test_killed_process_resumes_identically(tmp_path: Path) -> None:
+    source = str(_many_docs(tmp_path, 80))
+    cfg = PrepareConfig(source=source, val_fraction=0.1, workers=2, shard_mb=0.0008)
+    ref = tmp_path / "ref"
+    prepare_corpus(PrepareConfig(**{**cfg.__dict__, "workers": 1}), ref)
+    reference = _files(ref)
+    # the whole process is killed (SIGKILL) after 3 finished shards; its workers die with it
     out2 = tmp_path / "out2"
     proc = _kill_run(cfg, out2, "main:3")
     assert proc.returncode == -9, proc.stderr
