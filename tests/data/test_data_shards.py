@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,7 @@ def test_killed_worker_resumes_identically(tmp_path: Path, monkeypatch: pytest.M
     assert len(manifest["splits"]["train"]["shards"]) >= 6
     reference = _files(ref)
 
-    # a worker is killed while it tokenizes shard train-00004: the run fails with a clear error ...
+    # a worker is killed while it writes shard train-00004: the run fails with a clear error ...
     out = tmp_path / "out"
     monkeypatch.setenv(KILL_ENV, "worker:train-00004")
     with pytest.raises(DataError, match="a tokenizer worker died .* run the same prepare again"):
@@ -147,6 +148,7 @@ def test_killed_worker_resumes_identically(tmp_path: Path, monkeypatch: pytest.M
     assert not (out / "manifest.json").exists()
     kept = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.json")}
     assert "train-00000.json" in kept and "train-00004.json" not in kept
+    assert (out / "shards" / "train-00004.bin").exists()  # killed after its data, before its mark
     # ... and the same command finishes it, keeping the finished shards, identical to an uninterrupted run
     prepare_corpus(cfg, out)
     assert _files(out) == reference
@@ -305,6 +307,12 @@ def test_prepare_errors_and_lock(text_dir: Path, tmp_path: Path) -> None:
         with pytest.raises(DataError, match="another `ttt data prepare` is writing"):
             prepare_corpus(other, out)
     assert prepare_corpus(other, out)["split"]["seed"] == 1  # other settings: prepared again in place
+    f = open(out / ".lock", "w")
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    timer = threading.Timer(0.3, f.close)  # the other prepare finishes a moment later
+    timer.start()
+    assert prepare_corpus(cfg, out, wait=True)["split"]["seed"] == 0  # waited for, then prepared
+    timer.join()
     for bad, msg in [({"workers": 0}, "workers must be at least 1"), ({"shard_mb": 0}, "shard_mb must be"),
                      ({"val_fraction": 1.0}, "val_fraction must be in"),
                      ({"vocab_size": 100}, "holds only 100")]:

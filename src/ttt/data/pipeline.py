@@ -108,7 +108,7 @@ def prepare_data(cfg: DataConfig, cache_dir: str | Path) -> DataBundle:
                                         | {"where": _source_spec(pcfg)}, sort_keys=True,
                                         default=str).encode()).hexdigest()
         path = Path(cache_dir) / f"prepared-{key[:24]}"
-        prepare_corpus(pcfg, path)
+        prepare_corpus(pcfg, path, wait=True)  # another run preparing the same corpus: wait for it
     return open_prepared(path, cfg)
 
 

@@ -162,10 +162,10 @@ def _utf8(text: str) -> bytes:
 
 
 @contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
+def _locked(out: Path, wait: bool = False) -> Iterator[None]:
     with open(out / LOCK, "w") as f:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError:
             raise DataError(f"another `ttt data prepare` is writing '{out}' (its {LOCK} is locked); wait for "
                             "it, or give another output directory") from None
@@ -359,7 +359,6 @@ def _maybe_die(where: str, what: str) -> None:
 
 def _write_shard(task: _Task) -> dict[str, Any]:
     """Tokenize one shard and write its files (tokens, offsets, then the meta file that completes it)."""
-    _maybe_die("worker", task.name)
     folder = Path(task.folder)
     b, npz, meta_path = shard_paths(folder, task.name)
     dtype = np.dtype(task.dtype)
@@ -403,6 +402,7 @@ def _write_shard(task: _Task) -> dict[str, Any]:
     meta = {"name": task.name, "split": task.split, "index": task.index, "first_doc": task.first_doc,
             "num_docs": n, "num_tokens": int(total), "num_bytes": int(doc_bytes.sum()), "dtype": dtype.name,
             "sha256": sha.hexdigest(), "plan": task.plan}
+    _maybe_die("worker", task.name)  # tests: the worst moment, data written but not marked finished
     _atomic_write(meta_path, json.dumps({**meta, "names": task.names}).encode())
     return meta
 
@@ -527,12 +527,13 @@ def _same_plan(out: Path, plan: dict[str, Any]) -> bool:
         return False
 
 
-def prepare_corpus(cfg: PrepareConfig, out: str | Path, log: Callable[[str], None] | None = None
-                   ) -> dict[str, Any]:
+def prepare_corpus(cfg: PrepareConfig, out: str | Path, log: Callable[[str], None] | None = None,
+                   wait: bool = False) -> dict[str, Any]:
     """Prepare ``cfg.source`` into the directory ``out`` (see the module docstring); return the manifest.
 
     An ``out`` already holding the same preparation of the same corpus is returned as is; one holding an
-    interrupted run of it is resumed; one holding anything else prepared is replaced.
+    interrupted run of it is resumed; one holding anything else prepared is replaced. With ``wait``, a
+    prepare already writing ``out`` is waited for (instead of an error), and its result used.
 
     Raises:
         DataError: bad settings or corpus, a dead worker, or another prepare writing ``out``.
@@ -563,7 +564,10 @@ def prepare_corpus(cfg: PrepareConfig, out: str | Path, log: Callable[[str], Non
         with contextlib.suppress(DataError):
             return read_manifest(out)
     out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
+    with _locked(out, wait):
+        if (out / MANIFEST).is_file() and _same_plan(out, plan):  # finished by the prepare we waited for
+            with contextlib.suppress(DataError):
+                return read_manifest(out)
         for stale in out.glob(".*.tmp"):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         if not _same_plan(out, plan):  # another corpus or settings: start over
