@@ -68,12 +68,13 @@ def prepare_cmd(
     def log(msg: str) -> None:
         _err.print(msg, markup=False, highlight=False)
 
-    t0 = time.perf_counter()
+    t0, cpu0, kids0 = time.perf_counter(), time.process_time(), _children_cpu()
     try:
         manifest = prepare_corpus(cfg, out, log=log)
     except (DataError, OSError) as e:
         raise _fail(str(e)) from None
     seconds = time.perf_counter() - t0
+    cpu, kids = time.process_time() - cpu0, _children_cpu() - kids0
     mb = manifest["source"]["num_bytes"] / 1e6
     tok = manifest["tokenizer"]
     _console.print(f"prepared {out}: {manifest['source']['num_docs']} documents, {mb:.1f} MB of text, "
@@ -85,6 +86,16 @@ def prepare_cmd(
     _console.print(f"wall time of this command: {seconds:.1f} s "
                    f"({mb / max(seconds, 1e-9):.1f} MB of text per second, "
                    f"{cfg.workers or default_workers()} worker(s))", markup=False, highlight=False)
+    _console.print(f"CPU time of the preparation: {cpu:.1f} s in this process, {kids:.1f} s in worker "
+                   "processes", markup=False, highlight=False)
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished child processes."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 @data_app.command("info")

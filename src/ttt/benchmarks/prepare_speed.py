@@ -172,6 +172,8 @@ def run_prepare(args: list[str], env: dict[str, str]) -> dict[str, Any]:
             "prepare_s": seconds(r"wall time of this command: ([0-9.]+) s", out),
             "scan_s": seconds(r"scanned .* in ([0-9.]+) s", err),
             "tokenize_s": seconds(r"tokenized .* in ([0-9.]+) s with", err),
+            "cpu_main_s": seconds(r"CPU time of the preparation: ([0-9.]+) s in this process", out),
+            "cpu_workers_s": seconds(r"s in this process, ([0-9.]+) s in worker", out),
             "peak_pss_all_processes_mb": peak["pss"] / 1e6,
             "peak_rss_sum_all_processes_mb": peak["tree"] / 1e6,
             "peak_rss_largest_process_mb": peak["largest"] / 1e6, "peak_rss_main_mb": peak["main"] / 1e6,
@@ -221,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "tokens": manifest["num_tokens"],
                       "bytes_per_token": text_bytes / manifest["num_tokens"],
                       "mb_per_s": text_bytes / 1e6 / r["prepare_s"],
+                      "cpu_s_per_mb": (r["cpu_main_s"] + r["cpu_workers_s"]) / (text_bytes / 1e6),
+                      "main_cpu_s_per_mb": r["cpu_main_s"] / (text_bytes / 1e6),
                       "shards": sum(len(s["shards"]) for s in manifest["splits"].values())})
             runs.append(r)
             print(f"{label} x{w}: {r['mb_per_s']:.1f} MB of text/s "
@@ -229,10 +233,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"peak RSS {r['peak_rss_largest_process_mb']:.0f} MB (largest process)")
             shutil.rmtree(out, ignore_errors=True)
     bpe = {r["workers"]: r for r in runs if r["tokenizer"] == "bpe16k"}
-    projection = {}
+    projection: dict[str, Any] = {}
     for w, r in bpe.items():
-        seconds = RECIPE_TOKENS * r["bytes_per_token"] / 1e6 / r["mb_per_s"]
-        projection[str(w)] = {"hours": seconds / 3600, "text_gb": RECIPE_TOKENS * r["bytes_per_token"] / 1e9}
+        text_mb = RECIPE_TOKENS * r["bytes_per_token"] / 1e6
+        projection[f"measured_{w}_workers"] = {"hours": text_mb / r["mb_per_s"] / 3600,
+                                               "text_gb": text_mb / 1e3}
+    parallel = [r for r in runs if r["workers"] > 1]
+    if bpe and parallel:  # CPU cost per MB (independent of the machine's other load), on free cores
+        r = bpe[max(bpe)]
+        text_mb = RECIPE_TOKENS * r["bytes_per_token"] / 1e6
+        main_limit = min(1.0 / x["main_cpu_s_per_mb"] for x in parallel)  # MB/s the main process sustains
+        for cores in (2, 8, 16, 64):
+            rate = min(cores / r["cpu_s_per_mb"], main_limit)
+            projection[f"free_cores_{cores}"] = {"hours": text_mb / rate / 3600, "mb_per_s": rate}
     payload = {
         "benchmark": "prepare_speed",
         "command": "python -m ttt.benchmarks.prepare_speed " + " ".join(argv or sys.argv[1:]),
@@ -242,20 +255,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "note": "shared machine: other jobs were running while this was measured"},
         "corpus": meta,
         "runs": runs,
-        "projection_125m_2.5B_tokens": {"assumes": "bytes/token and MB/s of the bpe16k runs; linear in text",
-                                        "by_workers": projection},
+        "projection_125m_2.5B_tokens": {
+            "assumes": "bytes/token of the bpe16k runs; measured_*: their MB/s; free_cores_*: their CPU "
+                       "seconds per MB spread over that many idle cores, capped by the MB/s the main process "
+                       "sustains (its CPU s per MB in the parallel runs)",
+            "projection": projection},
     }
     headers = ["tokenizer", "workers", "text MB", "prepare s", "MB text/s", "scan s", "tokenize s",
-               "peak PSS, all processes MB", "peak RSS, largest process MB", "peak RSS sum MB", "shards"]
+               "CPU s main", "CPU s workers", "CPU s / MB", "peak PSS, all processes MB",
+               "peak RSS, largest process MB", "peak RSS sum MB", "shards"]
     rows = [[r["tokenizer"], r["workers"], round(r["text_mb"]), r["prepare_s"], r["mb_per_s"], r["scan_s"],
-             r["tokenize_s"], round(r["peak_pss_all_processes_mb"]), round(r["peak_rss_largest_process_mb"]),
+             r["tokenize_s"], r["cpu_main_s"], r["cpu_workers_s"], r["cpu_s_per_mb"],
+             round(r["peak_pss_all_processes_mb"]), round(r["peak_rss_largest_process_mb"]),
              round(r["peak_rss_sum_all_processes_mb"]), r["shards"]] for r in runs]
     table = markdown_table(headers, rows)
     write_results("prepare_speed", payload, table, ns.out)
     print(table)
-    for w, p in projection.items():
-        print(f"projected time to prepare 2.5B tokens ({p['text_gb']:.1f} GB of text) with {w} worker(s): "
-              f"{p['hours']:.1f} h")
+    for k, p in projection.items():
+        print(f"projected time to prepare the 125m recipe's 2.5B tokens ({k.replace('_', ' ')}): "
+              f"{p['hours']:.2f} h")
     return payload
 
 

@@ -543,7 +543,8 @@ def prepare_corpus(cfg: PrepareConfig, out: str | Path, log: Callable[[str], Non
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise DataError(f"output '{out}' exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / PLAN).is_file() and not (out / MANIFEST).is_file():
+    if (out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not (out / PLAN).is_file()
+            and not (out / MANIFEST).is_file()):
         raise DataError(f"output directory '{out}' is not empty and holds no prepared corpus; "
                         "give a new or empty directory")
     workers = int(cfg.workers or default_workers())
