@@ -217,6 +217,29 @@ def test_sampler_over_shards_resumes_exactly(tmp_path: Path) -> None:
     assert all((a == b).all() for a, b in zip(tokens, ref_tokens))
 
 
+def test_sharded_tokens_indexing(tmp_path: Path) -> None:
+    from ttt.data import ShardedTokens
+
+    parts = [np.arange(5, dtype=np.uint16), np.zeros(0, np.uint16), np.arange(100, 103, dtype=np.uint16),
+             np.arange(200, 211, dtype=np.uint16)]
+    paths = []
+    for k, p in enumerate(parts):
+        paths.append(tmp_path / f"s{k}.bin")
+        p.tofile(paths[-1])
+    tokens, ref = ShardedTokens(paths, [p.size for p in parts], np.uint16), np.concatenate(parts)
+    assert len(tokens) == ref.size and tokens.shape == ref.shape
+    for key in [slice(None), slice(3, 9), slice(4, 5), slice(5, 8), slice(-4, None), slice(2, 17, 3),
+                slice(9, 2), slice(0, 100)]:
+        np.testing.assert_array_equal(tokens[key], ref[key])
+    assert [int(tokens[i]) for i in range(-ref.size, ref.size)] == [int(x) for x in ref] * 2
+    np.testing.assert_array_equal(np.asarray(tokens), ref)
+    with pytest.raises(IndexError):
+        tokens[ref.size]
+    import pickle
+
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(tokens))[2:12], ref[2:12])
+
+
 def test_every_source_type(tmp_path: Path, text_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerFast
 
 from .errors import DataError
-from .prepare import DEFAULT_BPE_SAMPLE_MB, PrepareConfig, _source_spec, prepare_corpus
+from .prepare import DEFAULT_BPE_SAMPLE_MB, PrepareConfig, prepare_corpus, source_spec
 from .shards import TOKENIZER_DIR, ShardedTokenStore, is_prepared_dir, read_manifest
 from .store import TokenStore
 from .tokenizer import check_vocab, load_tokenizer
@@ -105,7 +105,7 @@ def prepare_data(cfg: DataConfig, cache_dir: str | Path) -> DataBundle:
                              val_fraction=float(cfg.val_fraction), seed=int(cfg.seed),
                              workers=int(cfg.workers or 1), bpe_sample_mb=float(cfg.bpe_sample_mb))
         key = hashlib.sha256(json.dumps({k: v for k, v in asdict(pcfg).items() if k != "workers"}
-                                        | {"where": _source_spec(pcfg)}, sort_keys=True,
+                                        | {"where": source_spec(pcfg)}, sort_keys=True,
                                         default=str).encode()).hexdigest()
         path = Path(cache_dir) / f"prepared-{key[:24]}"
         prepare_corpus(pcfg, path, wait=True)  # another run preparing the same corpus: wait for it

@@ -127,7 +127,7 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
-def _source_spec(cfg: PrepareConfig) -> dict[str, Any]:
+def source_spec(cfg: PrepareConfig) -> dict[str, Any]:
     """How the source was named (absolute paths), for the manifest."""
     src = cfg.source
     if is_shakespeare(src):
@@ -512,7 +512,7 @@ def _run_tasks(tasks: Iterator[_Task], workers: int, log: Callable[[str], None],
 def _plan(cfg: PrepareConfig, scan: _Scan, tok_request: dict[str, Any]) -> dict[str, Any]:
     return {
         "format": FORMAT,
-        "source": {**_source_spec(cfg), "fingerprint": scan.fingerprint, "num_docs": scan.num_docs,
+        "source": {**source_spec(cfg), "fingerprint": scan.fingerprint, "num_docs": scan.num_docs,
                    "num_bytes": scan.num_bytes},
         "split": {"val_fraction": float(cfg.val_fraction), "seed": int(cfg.seed)},
         "tokenizer_request": tok_request,
