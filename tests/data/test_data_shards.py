@@ -217,6 +217,24 @@ def test_sampler_over_shards_resumes_exactly(tmp_path: Path) -> None:
     assert all((a == b).all() for a, b in zip(tokens, ref_tokens))
 
 
+def test_uint32_shards(text_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Vocabularies over 65536 tokens are written as uint32 (forced here: such tokenizers load slowly)."""
+    import ttt.data.prepare as prep
+    import ttt.data.store as store
+
+    for module in (prep, store):
+        monkeypatch.setattr(module, "token_dtype", lambda vocab_size: np.dtype(np.uint32))
+    _, ref_train, ref_val = _reference(str(text_dir), build_tokenizer("byte"), 0.25, 0, tmp_path / "ref")
+    out = tmp_path / "p"
+    manifest = prepare_corpus(PrepareConfig(source=str(text_dir), val_fraction=0.25, workers=2,
+                                            shard_mb=0.0005), out)
+    assert manifest["dtype"] == "uint32" and ref_train.tokens.dtype == np.uint32
+    train = ShardedTokenStore.open(out, "train")
+    assert (out / "shards" / "train-00000.bin").stat().st_size == 4 * int(train.doc_offsets[1])
+    _same_store(train, ref_train)
+    _same_store(ShardedTokenStore.open(out, "val"), ref_val)
+
+
 def test_sharded_tokens_indexing(tmp_path: Path) -> None:
     from ttt.data import ShardedTokens
 
@@ -244,6 +262,7 @@ def test_every_source_type(tmp_path: Path, text_dir: Path, monkeypatch: pytest.M
     import datasets
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # if imported already
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     jsonl = _many_docs(tmp_path, 30)
