@@ -16,7 +16,8 @@
 Interrupted (a worker or the whole process killed), the same command resumes: finished shards are kept,
 the others are written again, and the result is identical to an uninterrupted run (nothing in the
 output depends on timing or on the number of workers). A lock file keeps two prepares out of one
-directory. Memory is bounded by ``(workers + 2)`` shards of text in flight, plus 24 bytes per document.
+directory. Memory is bounded by about ``workers + 3`` shards of text (``workers + 1`` queued or being
+tokenized, one being filled per split), plus 24 bytes per document.
 """
 
 from __future__ import annotations
