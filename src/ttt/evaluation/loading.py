@@ -11,6 +11,7 @@ Accepted paths:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -18,9 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+
+from ttt.data import DataBundle, DataConfig, prepare_data
+from ttt.training.config import RUN_CONFIG
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-RUN_CONFIG_FILES = ("config.yaml", "train_config.yaml", "run_config.yaml", "config.json")
 
 
 class ModelLoadError(FileNotFoundError):
@@ -93,22 +97,39 @@ def find_model_dir(path: str | Path) -> tuple[Path, Path | None]:
 
 
 def read_run_config(run_dir: Path | None, model_dir: Path | None = None) -> dict[str, Any]:
-    """The training configuration of a run as a dict (``TrainConfig.to_dict()``; empty if none found)."""
+    """The training configuration of a run as a dict (``TrainConfig.to_dict()``; empty if none found):
+    the one a checkpoint's ``meta.json`` records, else the run's ``config.yaml``."""
     if model_dir is not None and (model_dir / "meta.json").is_file():
         meta = json.loads((model_dir / "meta.json").read_text())
         if isinstance(meta.get("config"), dict):
             return meta["config"]
-    if run_dir is None:
-        return {}
-    for name in RUN_CONFIG_FILES:
-        f = run_dir / name
-        if f.is_file():
-            if f.suffix == ".json":
-                return json.loads(f.read_text())
-            import yaml
-
-            return yaml.safe_load(f.read_text()) or {}
+    if run_dir is not None and (run_dir / RUN_CONFIG).is_file():
+        return yaml.safe_load((run_dir / RUN_CONFIG).read_text()) or {}
     return {}
+
+
+def run_data(run_config: dict[str, Any], source: str | None = None, tokenizer: str | None = None,
+             cache_dir: Path | None = None) -> DataBundle:
+    """The data a run trained on (its ``data`` section), or another corpus / tokenizer if given.
+
+    Args:
+        run_config: ``TrainConfig.to_dict()`` of the run (may be empty: Shakespeare, byte tokenizer).
+        source: corpus source instead of the run's.
+        tokenizer: tokenizer spec instead of the run's.
+        cache_dir: where tokenized stores are cached (default: the run's cache, else ``~/.cache/ttt``).
+
+    Raises:
+        DataError: the corpus or tokenizer cannot be prepared.
+    """
+    run = dict(run_config.get("data") or {})
+    fields = {f.name: run[f.name] for f in dataclasses.fields(DataConfig) if run.get(f.name) is not None}
+    fields.pop("seq_len", None)
+    if source is not None:
+        fields["source"] = source
+    if tokenizer is not None:
+        fields["tokenizer"] = tokenizer
+    cache = cache_dir or Path(run.get("cache_dir") or Path.home() / ".cache" / "ttt" / "data")
+    return prepare_data(DataConfig(**fields), cache)
 
 
 def load_tokenizer(model_dir: Path, run_dir: Path | None = None) -> Any | None:
@@ -153,8 +174,6 @@ def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> LoadedModel:
     """Load the model at ``path`` (see module docstring), in eval mode, on ``device``."""
-    import ttt.models  # noqa: F401  (registers model_type="ttt" with the Auto classes)
-
     model_dir, run_dir = find_model_dir(path)
     if _is_model_dir(model_dir):
         from transformers import AutoModelForCausalLM
