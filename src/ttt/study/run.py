@@ -32,7 +32,13 @@ from ttt.benchmarks.common import time_fn
 from ttt.data import DataBundle, DataConfig, DataError, prepare_data
 from ttt.evaluation.generation import generate_text
 from ttt.evaluation.loading import load_model
-from ttt.evaluation.metrics import EvaluationError, document_windows, evaluate, unigram_baseline
+from ttt.evaluation.metrics import (
+    EvaluationError,
+    document_windows,
+    evaluate,
+    iter_documents,
+    unigram_baseline,
+)
 from ttt.models.registry import ARCH_LABELS
 from ttt.training import CheckpointError, ConfigError, Trainer, load_config
 from ttt.training.checkpoint import latest_checkpoint
@@ -275,7 +281,7 @@ def run_study(cfg: StudyConfig, out: str | Path, fresh: bool = False, backend: S
     t_start = time.perf_counter()
     data = backend.prepare(cfg, out)
     try:  # fail before any training if the context does not fit the validation documents
-        document_windows(data.val.documents(), cfg.seq_len, max_windows=1)
+        document_windows(iter_documents(data.val), cfg.seq_len, max_windows=1)
     except EvaluationError as e:
         raise StudyError(str(e)) from None
     bpt = data.val.bytes_per_token
