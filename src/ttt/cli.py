@@ -122,6 +122,10 @@ def train_cmd(
         False, "--resume", help="Continue the run from its newest checkpoint, with its saved config.yaml; "
         "overrides may only change keys like train.steps (see docs/training.md)."
     ),
+    resume_from: Path | None = typer.Option(
+        None, "--resume-from", help="Start this run from a checkpoint (or run directory) of another run; the "
+        "config must match the checkpoint's but for the keys that may change on resume."
+    ),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ) -> None:
     """Train a model: config + dotted overrides (ttt train tiny optim.lr=1e-3 train.steps=500)."""
@@ -131,11 +135,13 @@ def train_cmd(
     overrides = _overrides(ctx, set_)
     if config is not None and "=" in config:  # only overrides were given
         config, overrides = None, [config, *overrides]
+    if resume and resume_from is not None:
+        raise _fail("give --resume (this run) or --resume-from PATH (another run's checkpoint), not both")
     cfg = resume_config(config, overrides) if resume else load_config(config, overrides)
     if print_config:
         _plain(config_yaml(cfg).rstrip())
         return
-    summary = Trainer(cfg, resume=True if resume else None).fit()
+    summary = Trainer(cfg, resume=True if resume else resume_from).fit()
     if int(os.environ.get("RANK", "0")) != 0:
         return
     console.print_json(json.dumps(summary, default=str))

@@ -22,9 +22,8 @@ def test_help_everywhere(cmd: list[str]) -> None:
 
 
 def test_mqar_smoke_end_to_end(tmp_path) -> None:
-    res = runner.invoke(
-        app, ["mqar", "--preset", "smoke", "--device", "cpu", "--out", str(tmp_path), "--archs", "ttt-linear,transformer"]
-    )
+    args = ["mqar", "--preset", "smoke", "--device", "cpu", "--out", str(tmp_path)]
+    res = runner.invoke(app, [*args, "--archs", "ttt-linear,transformer"])
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "mqar.json").read_text())
     assert {r["arch"] for r in data["rows"]} == {"ttt-linear", "transformer"}

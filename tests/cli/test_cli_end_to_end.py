@@ -53,7 +53,8 @@ def test_train_resume_and_bad_config(run_dir: Path, tmp_path) -> None:
 
 def test_eval_run_dir_writes_into_the_run(run_dir: Path) -> None:
     out = run_dir / "eval"  # the default output directory of a run
-    res = runner.invoke(app, ["eval", str(run_dir), "--seq-len", "64", "--max-windows", "8", "--buckets", "4"])
+    args = ["eval", str(run_dir), "--seq-len", "64", "--max-windows", "8", "--buckets", "4"]
+    res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     data = json.loads((out / "eval.json").read_text())
     for key in ("loss", "perplexity", "bits_per_byte", "first_quarter_loss", "last_quarter_loss"):

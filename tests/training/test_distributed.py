@@ -55,7 +55,7 @@ def test_ddp_matches_single_process_and_checkpoints_cross_world_sizes(
     _close(train_losses(to_one), ref[2:])
     # world size 1 -> 2
     to_two = tmp_path / "to_two"
-    resume = f"--resume={single / 'checkpoints' / 'step_00000002'}"
+    resume = f"--resume-from={single / 'checkpoints' / 'step_00000002'}"
     run(["tiny", *tiny_overrides(to_two, data_cache, *COMMON), resume], nproc=2)
     _close(train_losses(to_two), ref[2:])
 

@@ -1,4 +1,4 @@
-"""Named model sizes: the paper's four (spec §7 table) and small ones that train on a CPU.
+"""Named model sizes: the paper's four (docs/math.md §7) and small ones that train on a CPU.
 
 >>> from ttt.models.presets import get_config
 >>> cfg = get_config("125m", ttt_layer_type="mlp", backbone="mamba")

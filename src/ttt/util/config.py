@@ -121,11 +121,11 @@ def to_yaml(obj: Any) -> str:
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (mappings are walked, lists are values)."""
+    """``{"a": {"b": 1}, "c": {}}`` -> ``{"a.b": 1}`` (mappings are walked, lists are values)."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
+        if isinstance(value, Mapping):
             out.update(flatten(value, name + "."))
         else:
             out[name] = value
