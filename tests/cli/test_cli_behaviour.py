@@ -106,7 +106,7 @@ def test_existing_run_is_refused_then_resumed_with_its_saved_config(tmp_path: Pa
 def test_compare_stops_on_sigint_with_a_checkpoint_and_exit_130(tmp_path: Path) -> None:
     out = tmp_path / "study"
     cmd = [sys.executable, "-m", "ttt", "compare", "--preset", "smoke", "--device", "cpu", "--out", str(out),
-           "--archs", "transformer", "-s", "train_tokens=100_000_000", "-s", "train_overrides.train.log_every=1"]
+           "--archs", "transformer", "train_tokens=100_000_000", "train_overrides.train.log_every=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "runs" / "transformer" / "metrics.jsonl"
