@@ -249,7 +249,7 @@ def evaluate(
     finally:
         model.train(was_training)
     if bytes_per_token is None:
-        bytes_per_token = getattr(store, "bytes_per_token", None)  # TokenStore: exact bytes of the text
+        bytes_per_token = store.bytes_per_token if isinstance(store, TokenStore) else None  # exact bytes
     if bytes_per_token is None and tokenizer is not None:
         bytes_per_token = bytes_per_token_of(tokenizer, windows)
     loss = float(losses.mean())

@@ -117,6 +117,7 @@ class Trainer:
                  log: Callable[[str], None] | None = _stderr) -> None:
         self.cfg, self.resume = cfg, resume or None
         self._log = log or (lambda text: None)
+        self.dist: D.DistInfo | None = None
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -282,7 +283,7 @@ class Trainer:
         clip = self.cfg.optim.grad_clip
         params = self.raw_model.parameters()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        grad_norm = grad_norm.full_tensor() if self.fsdp else grad_norm  # a DTensor under FSDP2
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = D.all_reduce_sum([float(total.item())], self.dist, self.device)[0] / n_targets
@@ -320,7 +321,7 @@ class Trainer:
             self._setup()
             summary = self._run()
         except BaseException:
-            if hasattr(self, "dist"):
+            if self.dist is not None:
                 D.teardown(self.dist, sync=False)
             raise
         D.teardown(self.dist)
@@ -339,8 +340,9 @@ class Trainer:
         resumed = self.resume_path is not None
         if main:
             atomic_write_text(self.run_dir / RUN_CONFIG, print_config(cfg))
-        self._main_log(self.banner() + (f"\nresuming from {self.resume_path} (step {self.step})" if resumed
-                                        else ""))
+        self._main_log(self.banner())
+        if resumed:
+            self._main_log(f"resuming from {self.resume_path} (step {self.step})")
         logger = MetricsLogger(self.run_dir, enabled=main, tensorboard=cfg.log.tensorboard,
                                write_csv=cfg.log.csv, resume_step=self.step if resumed else None)
         progress = Progress(main and cfg.log.progress, self.total_steps, self.step,
@@ -368,12 +370,8 @@ class Trainer:
                         val_loss = self._validate(logger, progress)
                     if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                         self.save()
-                    if D.all_reduce_max(float(stop.signum is not None), self.dist, self.device) > 0:
-                        stop_reason = "signal"
-                        break
-                    limit = cfg.train.max_steps_this_run
-                    if limit is not None and self.step - start_step >= limit:
-                        stop_reason = "max_steps_this_run"
+                    stop_reason = self._stop_reason(stop, start_step)
+                    if stop_reason != "done":
                         break
                 finished = self.step >= self.total_steps
                 if finished:
@@ -382,17 +380,32 @@ class Trainer:
             finally:
                 progress.close()
                 logger.close()
+        val_loss = val_loss if finished else None
+        return self._summary(start_step, start_time, train_time, last.get("loss"), val_loss, stop_reason,
+                             saved)
+
+    def _stop_reason(self, stop: StopRequest, start_step: int) -> str:
+        """``signal`` (on any rank), ``max_steps_this_run`` (this process's limit) or ``done`` (go on)."""
+        if D.all_reduce_max(float(stop.signum is not None), self.dist, self.device) > 0:
+            return "signal"
+        limit = self.cfg.train.max_steps_this_run
+        return "max_steps_this_run" if limit is not None and self.step - start_step >= limit else "done"
+
+    def _summary(self, start_step: int, start_time: float, train_time: float, train_loss: float | None,
+                 val_loss: float | None, stop_reason: str, saved: Path | None) -> dict[str, Any]:
+        """The run's summary (written to ``summary.json`` by rank 0)."""
+        cfg, finished = self.cfg, self.step >= self.total_steps
         summary = {
             "run_dir": str(self.run_dir), "arch": cfg.model.arch, "size": cfg.model.size,
             "params": self.n_params, "params_non_embedding": self.n_params_non_embedding,
             "steps": self.step, "total_steps": self.total_steps, "tokens": self.tokens,
             "tokens_per_s": (self.step - start_step) * self.tokens_per_step / max(train_time, 1e-9),
-            "final_train_loss": last.get("loss"), "final_val_loss": val_loss if finished else None,
+            "final_train_loss": train_loss, "final_val_loss": val_loss,
             "interrupted": not finished, "stop_reason": stop_reason,
             "checkpoint": str(saved) if saved is not None else None, "world_size": self.dist.world_size,
             "elapsed_s": time.perf_counter() - start_time,
         }
-        if main:
+        if self.dist.is_main:
             atomic_write_json(self.run_dir / "summary.json", summary)
             self._log(f"stopped at step {self.step}/{self.total_steps} ({stop_reason}); checkpoint {saved}"
                       if not finished else f"finished {self.step} steps; checkpoint {saved}")
