@@ -35,6 +35,16 @@ FAST = [
 ]
 
 
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A small text corpus (tokenizing it takes milliseconds, unlike the built-in Shakespeare)."""
+    words = ["thou", "art", "more", "lovely", "and", "temperate", "rough", "winds", "do", "shake"]
+    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) for i in range(400)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def ttt(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """``python -m ttt ARGS`` in a subprocess, as a user runs it (stderr is not a terminal)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
@@ -51,7 +61,7 @@ def assert_one_line_error(res: subprocess.CompletedProcess | object, needle: str
     assert "Traceback" not in err
 
 
-def test_user_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
+def test_user_errors_are_one_line_with_exit_2(tmp_path: Path, corpus: Path) -> None:
     """In a real process: a bad JSONL corpus, then (in-process, same handler) the other bad inputs."""
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_text('{"body": "no text field here"}\n')
@@ -59,12 +69,10 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
               f"data.cache_dir={tmp_path / 'cache'}")
     assert_one_line_error(res, "no text field 'text'")
 
-    small = tmp_path / "small.txt"
-    small.write_text("a few words only\n" * 3)
     cases = [
         (["train", "tiny", "model.arch=lstm"], "model.arch"),
-        (["train", "tiny", f"data.source={small}", "data.seq_len=100000", f"train.run_dir={tmp_path / 'b'}",
-          f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0"], "seq_len=100000"),
+        (["train", "tiny", f"data.source={corpus}", "data.seq_len=100000", f"train.run_dir={tmp_path / 'b'}",
+          f"data.cache_dir={tmp_path / 'cache'}"], "seq_len=100000"),
         (["train", "tiny", "optim.lr=fast"], "optim.lr"),
         (["train", "nowhere.yaml"], "does not exist"),
         (["compare", "--preset", "smoke", "-s", "train_tokens=lots", "--out", str(tmp_path)], "train_tokens"),
@@ -77,14 +85,15 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
         assert_one_line_error(runner.invoke(app, args), needle)
 
 
-def test_existing_run_is_refused_then_resumed_with_its_saved_config(tmp_path: Path) -> None:
+def test_existing_run_is_refused_then_resumed_with_its_saved_config(tmp_path: Path, corpus: Path) -> None:
     run = tmp_path / "run"
-    args = ["train", "tiny", *FAST, "train.steps=2", f"train.run_dir={run}", f"data.cache_dir={tmp_path}"]
-    first = ttt(*args)
-    assert first.returncode == 0, first.stderr[-3000:]
+    args = ["train", "tiny", *FAST, "train.steps=2", f"train.run_dir={run}", f"data.cache_dir={tmp_path}",
+            f"data.source={corpus}"]
+    first = runner.invoke(app, args)  # stderr is captured, so not a terminal
+    assert first.exit_code == 0, first.output[-3000:]
     err = first.stderr
     # start-up banner, validation losses and plain progress lines (stderr is not a terminal here)
-    for needle in ("parameters", "device cpu", "tokens/step", "corpus shakespeare", "tokenizer byte"):
+    for needle in ("parameters", "device cpu", "tokens/step", f"corpus {corpus}", "tokenizer byte"):
         assert needle in err, err
     assert "step 1: validation loss" in err and "step 2/2 | loss" in err and "\r" not in err
     # the same command again: the run exists
@@ -103,10 +112,11 @@ def test_existing_run_is_refused_then_resumed_with_its_saved_config(tmp_path: Pa
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 3
 
 
-def test_compare_stops_on_sigint_with_a_checkpoint_and_exit_130(tmp_path: Path) -> None:
+def test_compare_stops_on_sigint_with_a_checkpoint_and_exit_130(tmp_path: Path, corpus: Path) -> None:
     out = tmp_path / "study"
     cmd = [sys.executable, "-m", "ttt", "compare", "--preset", "smoke", "--device", "cpu", "--out", str(out),
-           "--archs", "transformer", "train_tokens=100_000_000", "train_overrides.train.log_every=1"]
+           "--archs", "transformer", "train_tokens=100_000_000", "train_overrides.train.log_every=1",
+           f"data={corpus}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "runs" / "transformer" / "metrics.jsonl"

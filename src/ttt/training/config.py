@@ -294,7 +294,8 @@ def resume_config(config: str | Path | None, overrides: Iterable[str] | None = N
     if not saved_file.is_file():
         raise ConfigError(f"--resume: {run_dir} holds no {RUN_CONFIG}; it is not a run directory")
     saved = load_config(saved_file)
-    cfg = load_config(saved_file, [*overrides, f"train.run_dir={run_dir}"])
+    moved = [] if saved.run_path() == run_dir else [f"train.run_dir={run_dir}"]  # the run was moved
+    cfg = load_config(saved_file, [*overrides, *moved])
     resume_changes(saved, cfg)
     return cfg
 
