@@ -112,7 +112,8 @@ def test_existing_run_is_refused_then_resumed_with_its_saved_config(tmp_path: Pa
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 3
 
 
-def test_compare_stops_on_sigint_with_a_checkpoint_and_exit_130(tmp_path: Path, corpus: Path) -> None:
+def test_compare_stops_on_sigterm_with_a_checkpoint_and_exit_130(tmp_path: Path, corpus: Path) -> None:
+    """SIGTERM in ``ttt compare`` (Ctrl-C is tested on ``ttt train``, tests/training/test_distributed.py)."""
     out = tmp_path / "study"
     cmd = [sys.executable, "-m", "ttt", "compare", "--preset", "smoke", "--device", "cpu", "--out", str(out),
            "--archs", "transformer", "train_tokens=100_000_000", "train_overrides.train.log_every=1",
@@ -125,7 +126,7 @@ def test_compare_stops_on_sigint_with_a_checkpoint_and_exit_130(tmp_path: Path, 
         while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

@@ -123,7 +123,7 @@ class Trainer:
     def _setup(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         self.dist = info = D.setup(t.device, cfg.dist.backend)
-        self.device, self.is_main = info.device, info.is_main
+        self.device = info.device
         grad_accum = t.grad_accum
         if t.global_batch_size is not None:
             per = t.micro_batch_size * info.world_size
@@ -153,11 +153,11 @@ class Trainer:
             shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
             ckpt.check_compatible(self.resume_path, meta, cfg.model.arch, shapes)
         self.is_ttt = cfg.model.arch in TTT_ARCHS
-        self.inner_lr_end = float(getattr(model.config, "ttt_base_lr", 0.0) or 0.0)
+        self.inner_lr_end = float(model.config.ttt_base_lr) if self.is_ttt else 0.0
         mode = cfg.optim.inner_lr_warmup
         self.inner_warmup = self.is_ttt and (mode == "on" or (mode == "auto" and cfg.model.arch == "ttt-mlp"))
-        self.uses_position_ids = cfg.data.document_mask and cfg.model.arch != "mamba" \
-            and cfg.model.arch != "mamba2"
+        # Mamba's PyTorch scans cannot restart at document starts (see the module docstring)
+        self.uses_position_ids = cfg.data.document_mask and cfg.model.arch not in ("mamba", "mamba2")
         self.raw_model = model.to(self.device)
         self.model = D.wrap_model(model, info, cfg.dist.strategy)
         self.fsdp = info.distributed and cfg.dist.strategy == "fsdp"
@@ -365,8 +365,8 @@ class Trainer:
                         logger.log({"step": self.step, "tokens": self.tokens, "split": "train", **last,
                                     "tokens_per_s": tps, "elapsed_s": time.perf_counter() - start_time})
                     progress.update(self.step, last["loss"], tps)
-                    if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 \
-                            and self.step < self.total_steps:
+                    every = cfg.train.eval_every
+                    if every and self.step % every == 0 and self.step < self.total_steps:
                         val_loss = self._validate(logger, progress)
                     if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                         self.save()
