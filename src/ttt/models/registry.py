@@ -215,8 +215,24 @@ def build_config(
     backbone: str = "transformer",
     **overrides: Any,
 ) -> Any:
-    """The Hugging Face config :func:`build_model` would use (see there for the arguments)."""
-    check_arch(arch)
+    """The Hugging Face config of a model (:func:`build_model` builds the model itself).
+
+    Args:
+        arch: one of :data:`ARCHS`.
+        size: a model size (:func:`list_sizes`: ``tiny, mini, small, 125m, 350m, 760m, 1.3b``).
+        vocab_size: the tokenizer's vocabulary size.
+        max_seq_len: training context; the Transformer's ``max_position_embeddings``.
+        match: for baselines, size them with :func:`match_size` to ``reference_arch`` (explicit
+            overrides win); ``False`` keeps the size's own width, depth and FFN width.
+        reference_arch: the TTT arch whose non-embedding parameter count baselines match.
+        backbone: ``"transformer"`` or ``"mamba"``: the TTT model's backbone (for baselines, the
+            backbone of the reference they are matched to).
+        **overrides: config fields of the architecture's config class (:func:`check_overrides`).
+
+    Raises:
+        ValueError: unknown arch, size or config field.
+    """
+    check_overrides(arch, overrides)
     if arch in TTT_ARCHS:
         return _ttt_config(arch, size, vocab_size, max_seq_len, backbone=backbone, **overrides)
     fields = dict(overrides)
@@ -238,36 +254,10 @@ def _instantiate(arch: str, config: Any) -> PreTrainedModel:
     return _CLASSES[arch](config)
 
 
-def build_model(
-    arch: str,
-    size: str,
-    vocab_size: int,
-    max_seq_len: int,
-    match: bool = True,
-    reference_arch: str = "ttt-linear",
-    backbone: str = "transformer",
-    **overrides: Any,
-) -> PreTrainedModel:
-    """Build a randomly initialised causal LM.
-
-    Args:
-        arch: one of :data:`ARCHS`.
-        size: a model size (:func:`list_sizes`: ``tiny, mini, small, 125m, 350m, 760m, 1.3b``).
-        vocab_size: the tokenizer's vocabulary size.
-        max_seq_len: training context; the Transformer's ``max_position_embeddings``.
-        match: for baselines, size them with :func:`match_size` to ``reference_arch`` (explicit
-            overrides win); ``False`` keeps the size's own width, depth and FFN width.
-        reference_arch: the TTT arch whose non-embedding parameter count baselines match.
-        backbone: ``"transformer"`` or ``"mamba"``: the TTT model's backbone (for baselines, the
-            backbone of the reference they are matched to).
-        **overrides: config fields of the architecture's config class (:func:`check_overrides`).
-
-    Raises:
-        ValueError: unknown arch, size or config field.
-    """
-    check_overrides(arch, overrides)
-    config = build_config(arch, size, vocab_size, max_seq_len, match, reference_arch, backbone, **overrides)
-    return _instantiate(arch, config)
+def build_model(arch: str, size: str, vocab_size: int, max_seq_len: int, **options: Any) -> PreTrainedModel:
+    """A randomly initialised causal LM of :func:`build_config` ``(arch, size, vocab_size, max_seq_len,
+    **options)`` (see there for the options: sizing, backbone, config overrides)."""
+    return _instantiate(arch, build_config(arch, size, vocab_size, max_seq_len, **options))
 
 
 def _meta_count(arch: str, size: str, vocab_size: int, max_seq_len: int, **fields: Any) -> int:
