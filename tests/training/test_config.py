@@ -85,6 +85,16 @@ def test_resume_changes_allows_budget_refuses_recipe() -> None:
         resume_changes(saved, load_config("tiny", ["train.steps=10", "optim.lr=1e-4"]))
 
 
+def test_printed_config_loads_back_unchanged(tmp_path) -> None:
+    from ttt.training.config import print_config
+
+    overrides = ["model.arch=mamba2", "data.source=/tmp/corpus.jsonl", "model.overrides.expand=4"]
+    cfg = load_config("125m", overrides)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(print_config(cfg))
+    assert load_config(saved) == cfg and "extends" not in saved.read_text()
+
+
 def test_unknown_config_name() -> None:
     with pytest.raises(ConfigError, match="shipped config"):
         load_config("no-such-config")
