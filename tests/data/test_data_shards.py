@@ -381,3 +381,4 @@ def test_cli_data_prepare(text_dir: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "does not exist" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["data", "info", str(tmp_path)])
     assert res.exit_code == 2 and "is not a prepared corpus" in res.output
+    assert res.output.startswith("error: ") and len(res.output.strip().splitlines()) == 1  # one line

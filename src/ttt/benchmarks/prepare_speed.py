@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ttt.util.files import atomic_open, atomic_write_json
+
 RECIPE_TOKENS = 2_500_000_000  # the 125m recipe's training tokens (configs/125m.yaml)
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -65,8 +67,7 @@ def build_corpus(path: Path, size_bytes: int, seed: int = 0) -> dict[str, Any]:
     docs = _documents()
     rng = random.Random(seed)
     text_bytes, n, copies = 0, 0, 0
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         while text_bytes < size_bytes:
             order = list(range(len(docs)))
             rng.shuffle(order)
@@ -77,11 +78,10 @@ def build_corpus(path: Path, size_bytes: int, seed: int = 0) -> dict[str, Any]:
                 n += 1
                 if text_bytes >= size_bytes:
                     break
-    os.replace(tmp, path)
     meta = {"target_bytes": size_bytes, "seed": seed, "text_bytes": text_bytes,
             "file_bytes": path.stat().st_size,
             "documents": n, "copies_of_shakespeare": copies}
-    meta_path.write_text(json.dumps(meta))
+    atomic_write_json(meta_path, meta)
     return meta
 
 
@@ -90,13 +90,12 @@ def head_corpus(src: Path, dst: Path, size_bytes: int) -> None:
     if dst.is_file():
         return
     total = 0
-    with open(src, encoding="utf-8") as f, open(dst.with_name(dst.name + ".tmp"), "w", encoding="utf-8") as g:
+    with open(src, encoding="utf-8") as f, atomic_open(dst, "w", encoding="utf-8") as g:
         for line in f:
             g.write(line)
             total += len(json.loads(line)["text"].encode())
             if total >= size_bytes:
                 break
-    os.replace(dst.with_name(dst.name + ".tmp"), dst)
 
 
 def _tree(pid: int) -> list[int]:

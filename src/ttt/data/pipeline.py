@@ -55,13 +55,19 @@ class DataConfig:
 
 @dataclass
 class DataBundle:
-    """Result of :func:`prepare_data`. ``val`` is None when ``val_fraction == 0``."""
+    """A tokenizer and its train / validation token stores: what training, evaluation and the
+    comparison study read (:func:`prepare_data` makes one). ``val`` is None when ``val_fraction == 0``."""
 
     tokenizer: PreTrainedTokenizerFast
     train: TokenStore
     val: TokenStore | None
     config: DataConfig | None = None
     tokenizer_dir: Path | None = None  # where a trained BPE tokenizer is saved
+
+    @property
+    def source(self) -> str:
+        """The corpus, as given (``shakespeare`` for the built-in one)."""
+        return str(self.config.source) if self.config is not None and self.config.source else "shakespeare"
 
 
 def check_config(cfg: DataConfig) -> None:

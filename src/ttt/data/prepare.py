@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from ttt.util.files import atomic_open, atomic_write_json
+
 from .corpus import Document, _rank_key, _split_one, is_shakespeare, iter_documents
 from .errors import DataError
 from .shards import FORMAT, MANIFEST, SHARDS_DIR, TOKENIZER_DIR, read_manifest, shard_paths
@@ -111,21 +113,8 @@ def check_prepare_config(cfg: PrepareConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# small helpers: atomic writes, the source identity, the lock
+# small helpers: the source identity, the lock
 # ----------------------------------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
 def source_spec(cfg: PrepareConfig) -> dict[str, Any]:
@@ -369,8 +358,7 @@ def _write_shard(task: _Task) -> dict[str, Any]:
     doc_bytes = np.zeros(n, dtype=np.int64)
     sha = hashlib.sha256()
     total, start = 0, 0
-    tmp = b.with_name(f".{b.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(b, "wb") as f:
         while start < n:
             stop, size = start, 0
             while stop < n and (stop == start or size + len(task.texts[stop]) <= ENCODE_BATCH_CHARS):
@@ -394,17 +382,13 @@ def _write_shard(task: _Task) -> dict[str, Any]:
                 offsets[start + j + 1] = total
                 doc_bytes[start + j] = len(raw[j])
             start = stop
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, b)
-    tmp_npz = npz.with_name(f".{npz.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp_npz, offsets=offsets, doc_bytes=doc_bytes)
-    os.replace(tmp_npz, npz)
+    with atomic_open(npz, "wb") as f:
+        np.savez(f, offsets=offsets, doc_bytes=doc_bytes)
     meta = {"name": task.name, "split": task.split, "index": task.index, "first_doc": task.first_doc,
             "num_docs": n, "num_tokens": int(total), "num_bytes": int(doc_bytes.sum()), "dtype": dtype.name,
             "sha256": sha.hexdigest(), "plan": task.plan}
     _maybe_die("worker", task.name)  # tests: the worst moment, data written but not marked finished
-    _atomic_write(meta_path, json.dumps({**meta, "names": task.names}).encode())
+    atomic_write_json(meta_path, {**meta, "names": task.names})
     return meta
 
 
@@ -576,7 +560,7 @@ def prepare_corpus(cfg: PrepareConfig, out: str | Path, log: Callable[[str], Non
             (out / MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
             shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
-            _atomic_write(out / PLAN, _json_bytes(plan))
+            atomic_write_json(out / PLAN, plan)
         (out / MANIFEST).unlink(missing_ok=True)
         folder = out / SHARDS_DIR
         folder.mkdir(exist_ok=True)
@@ -620,7 +604,7 @@ def prepare_corpus(cfg: PrepareConfig, out: str | Path, log: Callable[[str], Non
             "splits": splits,
             "num_tokens": sum(s["num_tokens"] for s in splits.values()),
         }
-        _atomic_write(out / MANIFEST, _json_bytes(manifest))
+        atomic_write_json(out / MANIFEST, manifest)
         log(f"tokenized {scan.num_bytes / 1e6:.1f} MB of text into {manifest['num_tokens']} tokens in "
             f"{time.perf_counter() - t1:.1f} s with {workers} worker(s)")
     return manifest

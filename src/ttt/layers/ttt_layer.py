@@ -1,4 +1,4 @@
-"""TTT-Linear and TTT-MLP as PyTorch modules (spec §4, §6), with an explicit streaming state."""
+"""TTT-Linear and TTT-MLP as PyTorch modules (math §4, §6), with an explicit streaming state."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ..ops.decode import ttt_step
 from ..ops.dual import ttt_dual
 from ..ops.functional import gelu_tanh, rope_adjacent, token_coefficients
 from ..ops.reference import ttt_reference
+from ..ops.scan import BACKENDS
 from ..ops.state import InnerState
 
 LayerType = Literal["linear", "mlp"]
@@ -72,7 +73,10 @@ class TTTLayer(nn.Module):
         use_gate: multiply the output by ``gelu_tanh(g_proj(x))`` before ``o_proj``.
         conv_kernel: kernel size of the Q/K convs.
         rope_theta: rotary base; positions are taken modulo ``mini_batch_size``.
-        remat_group_size: if > 0, rematerialise the scan every that many mini-batches in training.
+        remat_group_size: the scan's backward restarts from a saved inner state every that many
+            mini-batches (memory ``O(N / group + group)`` states); 0 picks ``~sqrt(N)``.
+        scan_backend: ``"auto"`` (default: ``$TTT_SCAN_BACKEND`` if set, else the fastest backend for
+            the device), ``"torch"``, ``"cpp"`` or ``"triton"``; see :mod:`ttt.ops.scan`.
         impl: ``"dual"`` (fast) or ``"reference"`` (token-by-token primal form, for testing).
     """
 
@@ -88,6 +92,7 @@ class TTTLayer(nn.Module):
         conv_kernel: int = 4,
         rope_theta: float = 10000.0,
         remat_group_size: int = 0,
+        scan_backend: str = "auto",
         impl: Literal["dual", "reference"] = "dual",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -107,6 +112,8 @@ class TTTLayer(nn.Module):
             raise ValueError(f"conv_kernel must be >= 1, got {conv_kernel}")
         if remat_group_size < 0:
             raise ValueError(f"remat_group_size must be >= 0, got {remat_group_size}")
+        if scan_backend not in ("auto", *BACKENDS):
+            raise ValueError(f"scan_backend must be one of auto, {', '.join(BACKENDS)}; got {scan_backend!r}")
         if impl not in ("dual", "reference"):
             raise ValueError(f"impl must be 'dual' or 'reference', got {impl!r}")
         fk = {"device": device, "dtype": dtype}
@@ -116,7 +123,7 @@ class TTTLayer(nn.Module):
         self.ttt_base_lr = float(ttt_base_lr)
         self.share_qk, self.use_gate = share_qk, use_gate
         self.conv_kernel, self.rope_theta = conv_kernel, rope_theta
-        self.remat_group_size, self.impl = remat_group_size, impl
+        self.remat_group_size, self.scan_backend, self.impl = remat_group_size, scan_backend, impl
 
         d, h, f = hidden_size, num_heads, head_dim
         self.q_proj = nn.Linear(d, d, bias=False, **fk)
@@ -144,7 +151,7 @@ class TTTLayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
-        """Spec §7 initialisation: linear and inner weights N(0, std), biases 0, norms 1/0."""
+        """Math §7 initialisation: linear and inner weights N(0, std), biases 0, norms 1/0."""
         for mod in self.modules():
             if isinstance(mod, nn.Linear):
                 nn.init.normal_(mod.weight, std=std)
@@ -256,7 +263,8 @@ class TTTLayer(nn.Module):
             elif length == 1:  # decoding: the primal one-token step beats the dual form's set-up
                 out, inner = ttt_step(*args)
             else:
-                out, inner = ttt_dual(*args, remat_group_size=self.remat_group_size if self.training else 0)
+                out, inner = ttt_dual(*args, remat_group_size=self.remat_group_size,
+                                      backend=self.scan_backend)
         out = out.to(x.dtype).transpose(1, 2).reshape(bsz, length, self.hidden_size)
         out = self.post_norm(out)
         if self.use_gate:
@@ -274,7 +282,7 @@ class TTTLayer(nn.Module):
 
 
 class TTTLinear(TTTLayer):
-    """TTT layer whose hidden state is a linear model (spec §1)."""
+    """TTT layer whose hidden state is a linear model (math §1)."""
 
     def __init__(self, hidden_size: int, num_heads: int, **kwargs) -> None:
         kwargs.setdefault("ttt_base_lr", 1.0)
@@ -282,7 +290,7 @@ class TTTLinear(TTTLayer):
 
 
 class TTTMLP(TTTLayer):
-    """TTT layer whose hidden state is a 2-layer MLP with hidden width ``4F`` (spec §1)."""
+    """TTT layer whose hidden state is a 2-layer MLP with hidden width ``4F`` (math §1)."""
 
     def __init__(self, hidden_size: int, num_heads: int, **kwargs) -> None:
         kwargs.setdefault("ttt_base_lr", 0.1)

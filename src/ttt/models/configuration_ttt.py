@@ -1,4 +1,4 @@
-"""Configuration of the TTT language model (spec §7, field names of the official port, spec §9)."""
+"""Configuration of the TTT language model (docs/math.md §7, field names of the official port)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from ..ops.scan import BACKENDS
+
 TTT_LAYER_TYPES = ("linear", "mlp")
+SCAN_BACKENDS = ("auto", *BACKENDS)
 
 
 def _is_int(value: Any) -> bool:
@@ -16,7 +19,7 @@ def _is_int(value: Any) -> bool:
 
 @strict
 class TTTConfig(PreTrainedConfig):
-    r"""Configuration of a :class:`~ttt.models.TTTForCausalLM` (a stack of TTT blocks, spec §7).
+    r"""Configuration of a :class:`~ttt.models.TTTForCausalLM` (a stack of TTT blocks, docs/math.md §7).
 
     Field names follow the official PyTorch port of the TTT paper, so its ``config.json`` loads as is.
 
@@ -39,9 +42,11 @@ class TTTConfig(PreTrainedConfig):
         ttt_layer_type: ``"linear"`` (TTT-Linear) or ``"mlp"`` (TTT-MLP).
         ttt_base_lr: base inner learning rate (1.0 linear, 0.1 MLP in the paper's recipes).
         mini_batch_size: TTT mini-batch size ``b``.
-        remat_group_size: if > 0, rematerialise the inner scan every that many mini-batches during
-            training (memory for compute); whole blocks are checkpointed with the standard
-            ``gradient_checkpointing_enable()`` switch.
+        remat_group_size: the inner scan's backward restarts from a saved inner state every that
+            many mini-batches (0: about ``sqrt`` of their number); whole blocks are checkpointed with
+            the standard ``gradient_checkpointing_enable()`` switch.
+        scan_backend: ``"auto"`` (``$TTT_SCAN_BACKEND`` if set, else the fastest for the device),
+            ``"torch"``, ``"cpp"`` or ``"triton"`` (see :mod:`ttt.ops.scan`).
         use_cache: return a :class:`~ttt.models.TTTCache` from ``forward`` by default (inference).
     """
 
@@ -66,6 +71,7 @@ class TTTConfig(PreTrainedConfig):
     ttt_base_lr: float = 1.0
     mini_batch_size: int = 16
     remat_group_size: int = 0
+    scan_backend: str = "auto"
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -118,6 +124,9 @@ class TTTConfig(PreTrainedConfig):
         if not _is_int(self.remat_group_size) or self.remat_group_size < 0:
             raise ValueError(f"TTTConfig.remat_group_size must be an integer >= 0, "
                              f"got {self.remat_group_size!r}")
+        if self.scan_backend not in SCAN_BACKENDS:
+            raise ValueError(f"TTTConfig.scan_backend must be one of {SCAN_BACKENDS}, "
+                             f"got {self.scan_backend!r}")
 
     @property
     def head_dim(self) -> int:

@@ -1,4 +1,4 @@
-"""One-token step of TTT-Linear / TTT-MLP in the primal form: the fast path for decoding (spec §3, §5).
+"""One-token step of TTT-Linear / TTT-MLP in the primal form: the fast path for decoding (math §3, §5).
 
 For a single new token per row there is nothing to parallelise, so instead of the dual form's grid
 machinery this applies the update rule directly: take the token's gradient at the open mini-batch's
@@ -81,9 +81,5 @@ def ttt_step(
         grads.append(torch.where(cls, torch.zeros_like(acc), acc))
     new_pos = torch.where(active, (pos + 1) % mb, pos)
     out = torch.where(act, out, torch.zeros((), dtype=out.dtype, device=out.device))
-    if state.is_mlp:
-        new = InnerState(weights[0], weights[1], grads[0], grads[1], new_pos,
-                         weights[2], weights[3], grads[2], grads[3])
-    else:
-        new = InnerState(weights[0], weights[1], grads[0], grads[1], new_pos)
+    new = InnerState.from_parts(tuple(weights), tuple(grads), new_pos)
     return out.to(in_dtype), new

@@ -1,4 +1,4 @@
-"""Small differentiable building blocks shared by the reference and the fast path (spec §2, §6)."""
+"""Small differentiable building blocks shared by the reference and the fast path (math §2, §6)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_GELU_C = math.sqrt(2.0 / math.pi)
+GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -18,9 +18,9 @@ def gelu_tanh(x: Tensor) -> Tensor:
 
 def gelu_tanh_grad(x: Tensor) -> Tensor:
     """Derivative of :func:`gelu_tanh` with respect to its input."""
-    inner = _GELU_C * (x + 0.044715 * x.pow(3))
+    inner = GELU_C * (x + 0.044715 * x.pow(3))
     t = torch.tanh(inner)
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3 * 0.044715 * x * x)
 
 
 def gelu_tanh_backward(grad: Tensor, x: Tensor) -> Tensor:
@@ -54,7 +54,7 @@ def ln_l2_grad_shifted(z: Tensor, shift: Tensor, weight: Tensor, eps: float = 1e
 def ln_l2_grad_closed_form(
     z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6
 ) -> Tensor:
-    """Spec §2 closed form: ``dZ = (F*gy - sum(gy) - xhat * sum(gy*xhat)) / (F * std)``,
+    """Math §2 closed form: ``dZ = (F*gy - sum(gy) - xhat * sum(gy*xhat)) / (F * std)``,
     ``gy = weight * (LN(z) - target)``."""
     f = z.shape[-1]
     mu = z.mean(-1, keepdim=True)
@@ -90,7 +90,7 @@ def rope_adjacent(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tenso
 
 
 def token_coefficients(learnable_token_idx: Tensor) -> Tensor:
-    """``coef_i = max(0, 1/(i+1) + delta_i)`` for the positions of a mini-batch (spec §4)."""
+    """``coef_i = max(0, 1/(i+1) + delta_i)`` for the positions of a mini-batch (math §4)."""
     b = learnable_token_idx.shape[-1]
     base = 1.0 / torch.arange(1, b + 1, device=learnable_token_idx.device, dtype=learnable_token_idx.dtype)
     return torch.clamp(base + learnable_token_idx, min=0.0)

@@ -1,4 +1,4 @@
-"""Token-by-token primal form of TTT-Linear and TTT-MLP: slow, readable, obviously right (spec §1-4).
+"""Token-by-token primal form of TTT-Linear and TTT-MLP: slow, readable, obviously right (math §1-4).
 
 Each token takes the gradient of its own self-supervised loss at the weights its mini-batch started
 with (obtained here by ``torch.func.grad`` of the written-out loss, independently of the closed-form
@@ -52,7 +52,7 @@ def ttt_reference(
 
     Args:
         xq, xk, xv: ``[B, H, L, F]`` query / key / value views.
-        lr: ``[B, H, L]`` per-token learning rates ``lr_j`` (spec §4).
+        lr: ``[B, H, L]`` per-token learning rates ``lr_j`` (math §4).
         coef: ``[b]`` per-position coefficients ``coef_i``; ``b`` is the mini-batch size.
         ln_w, ln_b: ``[H, F]`` inner LayerNorm parameters.
         state: the carried inner state (its ``pos`` says where each row is inside its mini-batch).
@@ -89,8 +89,4 @@ def ttt_reference(
     ws = [torch.stack([s[0][i] for s in rows_state]) for i in range(len(state.weights()))]
     gs = [torch.stack([s[1][i] for s in rows_state]) for i in range(len(state.weights()))]
     pos_t = torch.tensor([s[2] for s in rows_state], dtype=torch.long, device=state.pos.device)
-    if len(ws) == 2:
-        new = InnerState(ws[0], ws[1], gs[0], gs[1], pos_t)
-    else:
-        new = InnerState(ws[0], ws[1], gs[0], gs[1], pos_t, ws[2], ws[3], gs[2], gs[3])
-    return torch.stack(rows_out), new
+    return torch.stack(rows_out), InnerState.from_parts(tuple(ws), tuple(gs), pos_t)

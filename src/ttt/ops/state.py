@@ -1,4 +1,4 @@
-"""The inner (fast-weight) state of a TTT layer carried across calls (spec §3)."""
+"""The inner (fast-weight) state of a TTT layer carried across calls (math §3)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,19 @@ class InnerState:
         return self._map(lambda t: t.index_select(0, index.to(t.device)))
 
     @staticmethod
+    def from_parts(weights: tuple[Tensor, ...], grads: tuple[Tensor, ...], pos: Tensor) -> InnerState:
+        """Build from ``weights()``-ordered weights, ``grads()``-ordered accumulators and ``pos``."""
+        if len(weights) != len(grads) or len(weights) not in (2, 4):
+            raise ValueError(f"need 2 (TTT-Linear) or 4 (TTT-MLP) weights and as many accumulators, "
+                             f"got {len(weights)} and {len(grads)}")
+        w1, b1, *w2b2 = weights
+        gw1, gb1, *gw2gb2 = grads
+        if not w2b2:
+            return InnerState(W1=w1, b1=b1, gW1=gw1, gb1=gb1, pos=pos)
+        return InnerState(W1=w1, b1=b1, gW1=gw1, gb1=gb1, pos=pos, W2=w2b2[0], b2=w2b2[1],
+                          gW2=gw2gb2[0], gb2=gw2gb2[1])
+
+    @staticmethod
     def from_weights(
         weights: tuple[Tensor, ...], batch_size: int, dtype: torch.dtype | None = None
     ) -> InnerState:
@@ -68,6 +81,4 @@ class InnerState:
         ws = [w.unsqueeze(0).expand(batch_size, *w.shape) for w in ws]
         zeros = [torch.zeros_like(w) for w in ws]
         pos = torch.zeros(batch_size, dtype=torch.long, device=ws[0].device)
-        if len(ws) == 2:
-            return InnerState(ws[0], ws[1], zeros[0], zeros[1], pos)
-        return InnerState(ws[0], ws[1], zeros[0], zeros[1], pos, ws[2], ws[3], zeros[2], zeros[3])
+        return InnerState.from_parts(tuple(ws), tuple(zeros), pos)
