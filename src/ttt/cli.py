@@ -168,7 +168,8 @@ def eval_cmd(
     ),
     size: str = typer.Option("tiny", help="Model size for --arch."),
     data: str | None = typer.Option(
-        None, help="Corpus (path / source for ttt.data.load_documents); default: the run's, else Shakespeare."
+        None, help="Corpus (a source of ttt.data.load_documents, or a directory of `ttt data prepare`); "
+        "default: the run's, else Shakespeare."
     ),
     tokenizer: str | None = typer.Option(
         None, help="Tokenizer spec ('byte', 'bpe', HF name/path); default: the one saved with the model."

@@ -349,6 +349,8 @@ def _maybe_die(where: str, what: str) -> None:
 
 def _write_shard(task: _Task) -> dict[str, Any]:
     """Tokenize one shard and write its files (tokens, offsets, then the meta file that completes it)."""
+    from .tokenizer import encode_documents
+
     folder = Path(task.folder)
     b, npz, meta_path = shard_paths(folder, task.name)
     dtype = np.dtype(task.dtype)
@@ -368,9 +370,7 @@ def _write_shard(task: _Task) -> dict[str, Any]:
             if task.encoder is None:
                 ids_list: list[Any] = [np.frombuffer(r, np.uint8) for r in raw]
             else:
-                enc = _encoder(task.encoder)
-                encode = getattr(enc, "encode_batch_fast", enc.encode_batch)  # fast: no offsets
-                ids_list = [e.ids for e in encode(task.texts[start:stop], add_special_tokens=False)]
+                ids_list = encode_documents(_encoder(task.encoder), task.texts[start:stop])
             for j, ids in enumerate(ids_list):
                 arr = np.asarray(ids, dtype=np.int64) if task.encoder is not None else ids
                 if task.encoder is not None and arr.size and (arr.min() < 0 or arr.max() > limit):
