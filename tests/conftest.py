@@ -10,6 +10,15 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_scan() -> None:
+    """Build (or load) the compiled CPU scan once, before any test: later subprocess tests then find
+    it in the cache instead of compiling it under their own timeouts."""
+    from ttt.ops.scan import get_backend
+
+    get_backend("cpp")
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
