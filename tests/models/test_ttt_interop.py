@@ -1,4 +1,4 @@
-"""ttt.interop: the official PyTorch port's state-dict / config naming (spec §9)."""
+"""ttt.interop: the official PyTorch port's state-dict / config naming."""
 
 from __future__ import annotations
 

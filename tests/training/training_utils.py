@@ -58,9 +58,9 @@ def cli_env() -> dict[str, str]:
 
 
 def launch(args: list[str], nproc: int = 1) -> list[str]:
-    """Command line for ``python -m ttt.training ARGS`` (under torchrun when ``nproc > 1``)."""
+    """Command line for ``python -m ttt train ARGS`` (under torchrun when ``nproc > 1``)."""
     if nproc == 1:
-        return [sys.executable, "-m", "ttt.training", *args]
+        return [sys.executable, "-m", "ttt", "train", *args]
     return [
         sys.executable,
         "-m",
@@ -72,7 +72,8 @@ def launch(args: list[str], nproc: int = 1) -> list[str]:
         "--master_port",
         str(free_port()),
         "-m",
-        "ttt.training",
+        "ttt",
+        "train",
         *args,
     ]
 

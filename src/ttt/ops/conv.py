@@ -10,23 +10,28 @@ reference (with a one-time warning).
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .extension import CSRC, load_extension
+from .extension import load_library
 
-_EXT: list = []  # [module] once built, [None] if it cannot be built here
+SOURCE = Path(__file__).parent / "csrc" / "causal_conv.cpp"
+_EXT: list = []  # [torch.ops.ttt_conv] once built, [None] if it cannot be built here
 
 
 def _extension():
+    """``torch.ops.ttt_conv`` (building it on first use), or ``None`` where it cannot be built."""
     if not _EXT:
         try:
-            _EXT.append(load_extension("ttt_causal_conv", [CSRC / "causal_conv.cpp"]))
+            load_library("ttt_conv", [SOURCE])
+            _EXT.append(torch.ops.ttt_conv)
         except Exception as exc:  # no compiler / ninja: use the reference path
-            warnings.warn(f"compiled causal conv unavailable ({type(exc).__name__}: {exc}); using F.conv1d",
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            warnings.warn(f"compiled causal conv unavailable ({reason}); using F.conv1d",
                           RuntimeWarning, stacklevel=3)
             _EXT.append(None)
     return _EXT[0]
@@ -44,7 +49,7 @@ class _CausalConvFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: Tensor):
         x, state, weight = ctx.saved_tensors
-        dx, dstate, dw, dbias = _extension().backward(x, state, weight, dy, ctx.has_bias)
+        dx, dstate, dw, dbias = _extension().backward(x, state, weight, dy.contiguous(), ctx.has_bias)
         return dx, (dstate if state is not None else None), dw, (dbias if ctx.has_bias else None)
 
 

@@ -33,6 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ttt.util.files import atomic_write_text
+
 FORMAT_VERSION = 1
 STEP_RE = re.compile(r"^step_(\d+)$")
 FILES = ("model.safetensors", "optimizer.pt", "trainer_state.pt", "meta.json")
@@ -160,16 +162,44 @@ def load_named_optimizer_state(
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def model_state(model: nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+    """The full model state dict (gathered to CPU from FSDP2 shards when ``sharded``; collective)."""
+    if not sharded:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> dict[str, Any]:
+    """The full optimizer state keyed by parameter name (same format with and without FSDP2)."""
+    if not sharded:
+        return optimizer_state_to_named(model, optimizer)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def load_states(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict[str, torch.Tensor],
+                optim_sd: dict[str, Any], sharded: bool) -> None:
+    """Inverse of :func:`model_state` and :func:`optimizer_state` (scatters to FSDP2 shards)."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, model_sd, options=opts)
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+        return
+    model.load_state_dict(model_sd)
+    load_named_optimizer_state(model, optimizer, optim_sd)
+
+
 # --------------------------------------------------------------------------- write
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -205,7 +235,7 @@ def save_checkpoint(
         "param_shapes": {k: list(v.shape) for k, v in tensors.items()},
         **meta,
     }
-    (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1, default=str))
+    (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1, default=str))  # tmp dir: renamed below
     for name in FILES:  # flush file contents before the rename makes them visible
         fd = os.open(tmp / name, os.O_RDONLY)
         try:
@@ -213,7 +243,7 @@ def save_checkpoint(
         finally:
             os.close(fd)
     os.replace(tmp, final)
-    _atomic_write_text(root / "latest", final.name + "\n")
+    atomic_write_text(root / "latest", final.name + "\n")
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -291,6 +321,9 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint_files",
+    "load_states",
+    "model_state",
+    "optimizer_state",
     "load_named_optimizer_state",
     "optimizer_state_to_named",
     "read_meta",

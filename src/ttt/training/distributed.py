@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ttt.util.device import pick_device
+
 
 @dataclass
 class DistInfo:
@@ -28,17 +30,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def pick_device(spec: str, local_rank: int) -> torch.device:
-    """``auto`` -> ``cuda:LOCAL_RANK`` if CUDA is available else CPU; ``cuda`` -> ``cuda:LOCAL_RANK``."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but CUDA is not available")
-        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-    return torch.device(spec)
 
 
 def setup(device_spec: str = "auto", backend: str = "auto") -> DistInfo:
@@ -141,7 +132,6 @@ __all__ = [
     "all_reduce_max",
     "all_reduce_sum",
     "barrier",
-    "pick_device",
     "setup",
     "teardown",
     "unwrap",

@@ -1,10 +1,13 @@
-"""Metric sinks of a run: ``metrics.jsonl`` (every record), ``metrics.csv`` and TensorBoard."""
+"""What a run reports: metric files (``metrics.jsonl``, ``metrics.csv``, TensorBoard) and console progress."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,4 +122,53 @@ class MetricsLogger:
             self.tb = None
 
 
-__all__ = ["CSV_COLUMNS", "MetricsLogger"]
+class Progress:
+    """Console progress of rank 0: a progress bar on a terminal, otherwise a plain line every ``every`` steps
+    (log files get whole lines, not carriage returns).
+
+    Args:
+        enabled: report at all.
+        total, initial: the run's last step and the step it starts from.
+        desc: the bar's label.
+        every: steps between plain lines.
+        log: where plain lines (and :meth:`write` text) go.
+    """
+
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str, every: int,
+                 log: Callable[[str], None]) -> None:
+        self.enabled, self.total, self.every, self.log = enabled, total, every, log
+        self.start_step, self.start_time = initial, time.perf_counter()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        """After optimizer step ``step``."""
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        elif self.enabled and (step % self.every == 0 or step == self.total):
+            done = step - self.start_step
+            eta = (time.perf_counter() - self.start_time) / max(done, 1) * (self.total - step)
+            self.log(f"step {step}/{self.total} | loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | "
+                     f"ETA {eta / 60:.1f} min")
+
+    def write(self, text: str) -> None:
+        """A line of text (above the bar, if there is one)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            self.log(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+__all__ = ["CSV_COLUMNS", "MetricsLogger", "Progress"]

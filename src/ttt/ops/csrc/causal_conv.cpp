@@ -4,9 +4,15 @@
 //
 //   y[b, t, d] = bias[d] + sum_j w[d, j] * xp[b, t + j, d]
 //   xp[b, i, d] = state[b, d, i] for i < K-1, else x[b, i - (K-1), d]
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
 
 namespace {
 
@@ -120,7 +126,7 @@ void backward_kernel(const scalar_t* x, const scalar_t* state, const scalar_t* w
   });
 }
 
-void check(const torch::Tensor& x, const torch::Tensor& w) {
+void check(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "causal_conv: x must be a contiguous [B, L, D] tensor");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(0) == x.size(2),
               "causal_conv: weight must be a contiguous [D, K] tensor");
@@ -129,11 +135,11 @@ void check(const torch::Tensor& x, const torch::Tensor& w) {
 
 }  // namespace
 
-torch::Tensor causal_conv_forward(torch::Tensor x, c10::optional<torch::Tensor> state, torch::Tensor w,
-                                  c10::optional<torch::Tensor> bias) {
+at::Tensor causal_conv_forward(const at::Tensor& x, const std::optional<at::Tensor>& state,
+                               const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   check(x, w);
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2), K = w.size(1);
-  auto y = torch::empty_like(x);
+  auto y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "causal_conv_forward", [&] {
     forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), state ? state->data_ptr<scalar_t>() : nullptr,
                              w.data_ptr<scalar_t>(), bias ? bias->data_ptr<scalar_t>() : nullptr,
@@ -142,15 +148,15 @@ torch::Tensor causal_conv_forward(torch::Tensor x, c10::optional<torch::Tensor> 
   return y;
 }
 
-std::vector<torch::Tensor> causal_conv_backward(torch::Tensor x, c10::optional<torch::Tensor> state,
-                                                torch::Tensor w, torch::Tensor dy, bool has_bias) {
+std::vector<at::Tensor> causal_conv_backward(const at::Tensor& x, const std::optional<at::Tensor>& state,
+                                             const at::Tensor& w, const at::Tensor& dy_in, bool has_bias) {
   check(x, w);
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2), K = w.size(1);
-  dy = dy.contiguous();
-  auto dx = torch::empty_like(x);
-  auto dstate = torch::empty({B, D, K - 1}, x.options());
-  auto dw = torch::empty_like(w);
-  auto dbias = has_bias ? torch::empty({D}, x.options()) : torch::Tensor();
+  const at::Tensor dy = dy_in.contiguous();
+  auto dx = at::empty_like(x);
+  auto dstate = at::empty({B, D, K - 1}, x.options());
+  auto dw = at::empty_like(w);
+  auto dbias = at::empty({has_bias ? D : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "causal_conv_backward", [&] {
     backward_kernel<scalar_t>(x.data_ptr<scalar_t>(), state ? state->data_ptr<scalar_t>() : nullptr,
                               w.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
@@ -160,7 +166,8 @@ std::vector<torch::Tensor> causal_conv_backward(torch::Tensor x, c10::optional<t
   return {dx, dstate, dw, dbias};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &causal_conv_forward, "depthwise causal conv forward (channels last)");
-  m.def("backward", &causal_conv_backward, "depthwise causal conv backward (channels last)");
+TORCH_LIBRARY(ttt_conv, m) {
+  m.def("forward(Tensor x, Tensor? state, Tensor w, Tensor? bias) -> Tensor", &causal_conv_forward);
+  m.def("backward(Tensor x, Tensor? state, Tensor w, Tensor dy, bool has_bias) -> Tensor[]",
+        &causal_conv_backward);
 }

@@ -1,0 +1,51 @@
+"""Atomic file writes: write a temporary file next to the target, flush it, then rename it into place.
+
+A reader (or a crash) never sees a half-written file: it sees the old file or the new one. The
+temporary file is named ``.<name>.<random>.tmp`` in the target's folder (a crash may leave one behind;
+callers that resume clean up ``.*.tmp``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path`` for writing (``mode`` ``"w"`` or ``"wb"``, ``kwargs`` of
+    :func:`open`); when the block ends without an error, flush, ``fsync`` and ``os.replace`` it onto
+    ``path``; otherwise remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **kwargs) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_open`)."""
+    with atomic_open(path) as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> Path:
+    """:func:`atomic_write_text` of ``data`` as indented JSON (paths and other objects as strings)."""
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+__all__ = ["atomic_open", "atomic_write_json", "atomic_write_text"]
