@@ -19,7 +19,7 @@ import warnings
 import pytest
 import torch
 
-from ttt.ops import InnerState, ttt_dual, ttt_reference
+from ttt.ops import InnerState, extension, ttt_dual, ttt_reference
 from ttt.ops import scan as scan_mod
 from ttt.ops.scan import cpp_scan, default_group, get_backend, torch_scan, ttt_scan
 
@@ -233,7 +233,7 @@ def test_cpp_bad_input_names_the_problem() -> None:
 
 def test_cpp_load_without_compiler_raises_and_leaves_no_library(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(cpp_scan, "_loaded_from", None)
+    monkeypatch.setattr(extension, "_LOADED", {})
     with pytest.raises(RuntimeError, match="no C.. compiler found"):
         cpp_scan.load_library(tmp_path / "cache")
     assert not list((tmp_path / "cache").rglob("*.so"))

@@ -34,13 +34,21 @@ _LOADED: dict[str, Path] = {}
 
 def cflags() -> list[str]:
     """``-O3`` and the build machine's own instruction set (the build runs where it is used)."""
-    flags = ["-O3", "-DNDEBUG"]
+    flags = ["-O3", "-DNDEBUG", "-fno-math-errno"]
+    if _openmp():
+        flags.append("-fopenmp")
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
         flags.append("-march=native")
     elif machine in ("arm64", "aarch64"):
         flags.append("-mcpu=native")
     return flags
+
+
+def _openmp() -> bool:
+    """Whether to compile with ``-fopenmp``: with torch's OpenMP backend, ``at::parallel_for`` is a header
+    template that runs serially unless the library itself is compiled with OpenMP."""
+    return "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux")
 
 
 def _compiler() -> str:
@@ -125,6 +133,7 @@ def _build_into(name: str, sources: Sequence[Path], include_dirs: Sequence[Path]
             pass
         try:
             cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=cflags(),
+                               extra_ldflags=["-fopenmp"] if _openmp() else [],
                                extra_include_paths=[str(d) for d in include_dirs], build_directory=str(tmp),
                                is_python_module=False, verbose=os.environ.get("TTT_CPP_VERBOSE") == "1")
         except Exception as exc:
