@@ -16,6 +16,9 @@ from ttt.interop import (
     save_official,
 )
 
+# every test here runs once per CPU scan backend (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("scan_backend")
+
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_export_import_roundtrip_same_logits(variant, tie, tmp_path) -> None:
