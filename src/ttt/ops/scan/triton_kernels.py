@@ -1,0 +1,308 @@
+"""Triton kernels of the TTT scan (forward, reverse-scan backward) and of the one-token decode step.
+
+Loaded by :mod:`ttt.ops.scan.triton_scan` (twice at most: once compiled for the GPU, once under the
+Triton interpreter for CPU tests), never imported directly. Every kernel runs one program per
+``batch*heads`` row and computes exactly the per-mini-batch formulas of
+:mod:`ttt.ops.scan.torch_scan` (``linear_step``, ``mlp_step`` and their backward); the design is in
+``docs/triton.md``.
+
+Conventions: the state of a row is one packed fp32 vector (TTT-Linear ``W | b | gW | gb``, TTT-MLP
+``W1 | b1 | W2 | b2 | gW1 | gb1 | gW2 | gb2``, each row-major). Mini-batches of ``B`` tokens are
+padded to ``BB = max(B, 16)`` rows (``tl.dot`` needs 16); padded rows load zeros (zero learning rate
+and coefficient) and so touch nothing. ``PREC`` is the ``tl.dot`` input precision (``ieee`` or
+``tf32``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+GELU_C = 0.7978845608028654  # sqrt(2 / pi)
+
+
+# --------------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _tanh(u):
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def _gelu(x):
+    return 0.5 * x * (1.0 + _tanh(GELU_C * (x + 0.044715 * x * x * x)))
+
+
+@triton.jit
+def _gelu_grad(x):
+    t = _tanh(GELU_C * (x + 0.044715 * x * x * x))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3 * 0.044715 * x * x)
+
+
+@triton.jit
+def _gelu_grad2(x):
+    t = _tanh(GELU_C * (x + 0.044715 * x * x * x))
+    du = GELU_C * (1.0 + 3 * 0.044715 * x * x)
+    return (1.0 - t * t) * (du + 3 * 0.044715 * GELU_C * x * x - x * t * du * du)
+
+
+@triton.jit
+def _ln_grad(z, s, lnw, F: tl.constexpr, EPS: tl.constexpr):
+    """Rows of ``z [BB, F]``: ``(xhat, rstd, gy, G)`` of the inner loss (torch_scan._ln_grad)."""
+    mu = tl.sum(z, 1) / F
+    zc = z - mu[:, None]
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, 1) / F + EPS)
+    xhat = zc * rstd[:, None]
+    gy = lnw[None, :] * (lnw[None, :] * xhat + s)
+    g = rstd[:, None] * (gy - (tl.sum(gy, 1) / F)[:, None] - xhat * (tl.sum(gy * xhat, 1) / F)[:, None])
+    return xhat, rstd, gy, g
+
+
+@triton.jit
+def _ln_grad_backward(dg, g, gy, xhat, rstd, s, lnw, F: tl.constexpr):
+    """Backward of :func:`_ln_grad` given ``dG``: ``(dZ, dS, d ln_w summed over rows)``."""
+    r = rstd[:, None]
+    dgy = r * (dg - (tl.sum(dg, 1) / F)[:, None] - xhat * (tl.sum(dg * xhat, 1) / F)[:, None])
+    s2 = tl.sum(gy * xhat, 1) / F
+    m_dx = tl.sum(dg * xhat, 1) / F
+    dxhat = -r * (dg * s2[:, None] + gy * m_dx[:, None]) + (lnw * lnw)[None, :] * dgy
+    drstd = tl.sum(dg * g, 1) / rstd
+    dz = r * (dxhat - (tl.sum(dxhat, 1) / F)[:, None] - xhat * (tl.sum(dxhat * xhat, 1) / F)[:, None])
+    dz = dz - (rstd * rstd * drstd / F)[:, None] * xhat
+    ds = lnw[None, :] * dgy
+    dlnw = tl.sum(dgy * (2.0 * lnw[None, :] * xhat + s), 0)
+    return dz, ds, dlnw
+
+
+@triton.jit
+def _load_rows(ptr, ib, fo, rmask, F: tl.constexpr):
+    """``[BB, F]`` block of a ``[.., B, F]`` tensor (rows past ``B`` are 0), as fp32."""
+    return tl.load(ptr + ib[:, None] * F + fo[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, x, ib, fo, rmask, F: tl.constexpr):
+    tl.store(ptr + ib[:, None] * F + fo[None, :], x.to(ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _mat(ptr, r0, c0, ROWS: tl.constexpr, COLS: tl.constexpr, LD: tl.constexpr):
+    """Pointers of the ``[ROWS, COLS]`` block at ``(r0, c0)`` of a row-major matrix with ``LD`` columns."""
+    return ptr + (r0 + tl.arange(0, ROWS))[:, None] * LD + (c0 + tl.arange(0, COLS))[None, :]
+
+
+# --------------------------------------------------------------------------------------------------
+# TTT-Linear: the state (W, b, gW, gb) stays in registers for the whole scan
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _linear_fwd_step(w, bv, gw, gb, kk, qq, ss, lr, coef, e, lnw, c_last, complete, first,
+                     F: tl.constexpr, HAS_LN: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):
+    """torch_scan.linear_step on register tiles; returns ``(Zbar, W, b, gW, gb)``."""
+    z = _dot(kk, w, PREC) + bv[None, :]
+    if HAS_LN:
+        _, _, _, g = _ln_grad(z, ss, lnw, F, EPS)
+    else:
+        g = z + ss
+    a = e * (_dot(qq, tl.trans(kk), PREC) + 1.0)
+    zbar = _dot(qq, w, PREC) + bv[None, :] - _dot(a, g, PREC)
+    if first:
+        zbar = zbar - coef[:, None] * (_dot(qq, gw, PREC) + gb[None, :])
+    lg = lr[:, None] * g
+    acc_w = gw + _dot(tl.trans(kk), lg, PREC)
+    acc_b = gb + tl.sum(lg, 0)
+    w = tl.where(complete, w - c_last * acc_w, w)
+    bv = tl.where(complete, bv - c_last * acc_b, bv)
+    gw = tl.where(complete, 0.0, acc_w)
+    gb = tl.where(complete, 0.0, acc_b)
+    return zbar, w, bv, gw, gb
+
+
+@triton.jit
+def linear_fwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, st_ptr, zbar_ptr, out_ptr,
+                      ck_ptr, N, group, NG,
+                      B: tl.constexpr, BB: tl.constexpr, F: tl.constexpr, HAS_LN: tl.constexpr,
+                      SAVE: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):
+    """One program per row: scan all ``N`` mini-batches; writes Zbar, the final state, checkpoints."""
+    r = tl.program_id(0).to(tl.int64)
+    SZ: tl.constexpr = 2 * (F * F + F)
+    ib = tl.arange(0, BB)
+    fo = tl.arange(0, F)
+    rmask = ib < B
+    st = st_ptr + r * SZ
+    w = tl.load(_mat(st, 0, 0, F, F, F))
+    bv = tl.load(st + F * F + fo)
+    gw = tl.load(_mat(st + F * F + F, 0, 0, F, F, F))
+    gb = tl.load(st + 2 * F * F + F + fo)
+    coef = tl.load(coef_ptr + ib, mask=rmask, other=0.0).to(tl.float32)
+    c_last = tl.load(coef_ptr + B - 1).to(tl.float32)
+    if HAS_LN:
+        lnw = tl.load(lnw_ptr + r * F + fo).to(tl.float32)
+    else:
+        lnw = tl.zeros([F], dtype=tl.float32)
+    tril = ib[:, None] >= ib[None, :]
+    nc = tl.load(nc_ptr + r)
+    for m in range(N):
+        if SAVE:
+            if m % group == 0:
+                ck = ck_ptr + (r * NG + m // group) * SZ
+                tl.store(_mat(ck, 0, 0, F, F, F), w)
+                tl.store(ck + F * F + fo, bv)
+                tl.store(_mat(ck + F * F + F, 0, 0, F, F, F), gw)
+                tl.store(ck + 2 * F * F + F + fo, gb)
+        base = (r * N + m) * B * F
+        kk = _load_rows(k_ptr + base, ib, fo, rmask, F)
+        qq = _load_rows(q_ptr + base, ib, fo, rmask, F)
+        ss = _load_rows(s_ptr + base, ib, fo, rmask, F)
+        lr = tl.load(lr_ptr + (r * N + m) * B + ib, mask=rmask, other=0.0).to(tl.float32)
+        e = tl.where(tril, coef[:, None] * lr[None, :], 0.0)
+        zbar, w, bv, gw, gb = _linear_fwd_step(w, bv, gw, gb, kk, qq, ss, lr, coef, e, lnw, c_last,
+                                               m < nc, m == 0, F, HAS_LN, PREC, EPS)
+        _store_rows(zbar_ptr + base, zbar, ib, fo, rmask, F)
+    out = out_ptr + r * SZ
+    tl.store(_mat(out, 0, 0, F, F, F), w)
+    tl.store(out + F * F + fo, bv)
+    tl.store(_mat(out + F * F + F, 0, 0, F, F, F), gw)
+    tl.store(out + 2 * F * F + F + fo, gb)
+
+
+@triton.jit
+def linear_bwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, ck_ptr, dzbar_ptr, dst_ptr,
+                      scr_ptr, dk_ptr, dq_ptr, ds_ptr, dlr_ptr, dcoef_ptr, dlnw_ptr, N, group, NG,
+                      B: tl.constexpr, BB: tl.constexpr, F: tl.constexpr, HAS_LN: tl.constexpr,
+                      PREC: tl.constexpr, EPS: tl.constexpr):
+    """Reverse scan of one row (torch_scan.scan_backward with linear_step_backward).
+
+    ``dst`` holds the gradient of the final state on entry and that of the initial state on exit;
+    each group is recomputed from its checkpoint into ``scr`` (``group`` start states of this row).
+    ``dcoef [R, BB]`` and ``dlnw [R, F]`` are per-row partial sums.
+    """
+    r = tl.program_id(0).to(tl.int64)
+    SZ: tl.constexpr = 2 * (F * F + F)
+    ib = tl.arange(0, BB)
+    fo = tl.arange(0, F)
+    rmask = ib < B
+    coef = tl.load(coef_ptr + ib, mask=rmask, other=0.0).to(tl.float32)
+    c_last = tl.load(coef_ptr + B - 1).to(tl.float32)
+    if HAS_LN:
+        lnw = tl.load(lnw_ptr + r * F + fo).to(tl.float32)
+    else:
+        lnw = tl.zeros([F], dtype=tl.float32)
+    tril = ib[:, None] >= ib[None, :]
+    nc = tl.load(nc_ptr + r)
+    dst = dst_ptr + r * SZ
+    d_w = tl.load(_mat(dst, 0, 0, F, F, F))
+    d_b = tl.load(dst + F * F + fo)
+    d_gw = tl.load(_mat(dst + F * F + F, 0, 0, F, F, F))
+    d_gb = tl.load(dst + 2 * F * F + F + fo)
+    dcoef = tl.zeros([BB], dtype=tl.float32)
+    dlnw = tl.zeros([F], dtype=tl.float32)
+    scr = scr_ptr + r * group * SZ
+    for gg in range(NG):
+        gi = NG - 1 - gg
+        m0 = gi * group
+        m1 = tl.minimum(m0 + group, N)
+        ck = ck_ptr + (r * NG + gi) * SZ
+        w = tl.load(_mat(ck, 0, 0, F, F, F))
+        bv = tl.load(ck + F * F + fo)
+        gw = tl.load(_mat(ck + F * F + F, 0, 0, F, F, F))
+        gb = tl.load(ck + 2 * F * F + F + fo)
+        tl.debug_barrier()  # the previous group's reads of scr are done
+        for m in range(m0, m1):
+            sl = scr + (m - m0) * SZ
+            tl.store(_mat(sl, 0, 0, F, F, F), w)
+            tl.store(sl + F * F + fo, bv)
+            tl.store(_mat(sl + F * F + F, 0, 0, F, F, F), gw)
+            tl.store(sl + 2 * F * F + F + fo, gb)
+            if m + 1 < m1:
+                base = (r * N + m) * B * F
+                kk = _load_rows(k_ptr + base, ib, fo, rmask, F)
+                qq = _load_rows(q_ptr + base, ib, fo, rmask, F)
+                ss = _load_rows(s_ptr + base, ib, fo, rmask, F)
+                lr = tl.load(lr_ptr + (r * N + m) * B + ib, mask=rmask, other=0.0).to(tl.float32)
+                e = tl.where(tril, coef[:, None] * lr[None, :], 0.0)
+                _, w, bv, gw, gb = _linear_fwd_step(w, bv, gw, gb, kk, qq, ss, lr, coef, e, lnw, c_last,
+                                                    m < nc, m == 0, F, HAS_LN, PREC, EPS)
+        tl.debug_barrier()  # scr is written
+        for mm in range(m0, m1):
+            m = m1 - 1 - (mm - m0)
+            sl = scr + (m - m0) * SZ
+            w = tl.load(_mat(sl, 0, 0, F, F, F))
+            bv = tl.load(sl + F * F + fo)
+            gw = tl.load(_mat(sl + F * F + F, 0, 0, F, F, F))
+            gb = tl.load(sl + 2 * F * F + F + fo)
+            base = (r * N + m) * B * F
+            kk = _load_rows(k_ptr + base, ib, fo, rmask, F)
+            qq = _load_rows(q_ptr + base, ib, fo, rmask, F)
+            ss = _load_rows(s_ptr + base, ib, fo, rmask, F)
+            dz_out = _load_rows(dzbar_ptr + base, ib, fo, rmask, F)
+            lr = tl.load(lr_ptr + (r * N + m) * B + ib, mask=rmask, other=0.0).to(tl.float32)
+            e = tl.where(tril, coef[:, None] * lr[None, :], 0.0)
+            complete = m < nc
+            # recompute the step
+            z = _dot(kk, w, PREC) + bv[None, :]
+            if HAS_LN:
+                xhat, rstd, gy, g = _ln_grad(z, ss, lnw, F, EPS)
+            else:
+                g = z + ss
+            qk1 = _dot(qq, tl.trans(kk), PREC) + 1.0
+            a = e * qk1
+            lg = lr[:, None] * g
+            acc_w = gw + _dot(tl.trans(kk), lg, PREC)
+            acc_b = gb + tl.sum(lg, 0)
+            # close: W' = W - c_last * acc (complete rows), acc' = 0 / acc
+            d_cl = tl.sum(tl.sum(acc_w * d_w, 1), 0) + tl.sum(acc_b * d_b, 0)
+            d_cl = tl.where(complete, -d_cl, 0.0)
+            d_gw = tl.where(complete, -c_last * d_w, d_gw)
+            d_gb = tl.where(complete, -c_last * d_b, d_gb)
+            # accumulators: acc = g_in + K^T (lr * G)
+            d_lg = _dot(kk, d_gw, PREC) + d_gb[None, :]
+            dk = _dot(lg, tl.trans(d_gw), PREC)
+            dlr = tl.sum(g * d_lg, 1)
+            dg = lr[:, None] * d_lg
+            # output: Zbar = Q W + b - A G [- c (Q gW + gb)]
+            d_w = d_w + _dot(tl.trans(qq), dz_out, PREC)
+            d_b = d_b + tl.sum(dz_out, 0)
+            dq = _dot(dz_out, tl.trans(w), PREC)
+            d_a = -_dot(dz_out, tl.trans(g), PREC)
+            dg = dg - _dot(tl.trans(a), dz_out, PREC)
+            if m == 0:
+                cz = coef[:, None] * dz_out
+                d_gw = d_gw - _dot(tl.trans(qq), cz, PREC)
+                d_gb = d_gb - tl.sum(cz, 0)
+                dq = dq - _dot(cz, tl.trans(gw), PREC)
+                dcoef = dcoef - tl.sum((_dot(qq, gw, PREC) + gb[None, :]) * dz_out, 1)
+            # A = E * (Q K^T + 1)
+            d_sqk = d_a * e
+            dq = dq + _dot(d_sqk, kk, PREC)
+            dk = dk + _dot(tl.trans(d_sqk), qq, PREC)
+            d_e = tl.where(tril, d_a * qk1, 0.0)
+            dcoef = dcoef + tl.sum(d_e * lr[None, :], 1) + tl.where(ib == B - 1, d_cl, 0.0)
+            dlr = dlr + tl.sum(d_e * coef[:, None], 0)
+            # G = grad of the inner loss at Z = K W + b
+            if HAS_LN:
+                dz, ds, dl = _ln_grad_backward(dg, g, gy, xhat, rstd, ss, lnw, F)
+                dlnw = dlnw + dl
+            else:
+                dz = dg
+                ds = dg
+            dk = dk + _dot(dz, tl.trans(w), PREC)
+            d_w = d_w + _dot(tl.trans(kk), dz, PREC)
+            d_b = d_b + tl.sum(dz, 0)
+            _store_rows(dk_ptr + base, dk, ib, fo, rmask, F)
+            _store_rows(dq_ptr + base, dq, ib, fo, rmask, F)
+            _store_rows(ds_ptr + base, ds, ib, fo, rmask, F)
+            tl.store(dlr_ptr + (r * N + m) * B + ib, dlr.to(dlr_ptr.dtype.element_ty), mask=rmask)
+    tl.store(_mat(dst, 0, 0, F, F, F), d_w)
+    tl.store(dst + F * F + fo, d_b)
+    tl.store(_mat(dst + F * F + F, 0, 0, F, F, F), d_gw)
+    tl.store(dst + 2 * F * F + F + fo, d_gb)
+    tl.store(dcoef_ptr + r * BB + ib, dcoef)
+    tl.store(dlnw_ptr + r * F + fo, dlnw)

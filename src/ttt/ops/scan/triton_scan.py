@@ -1,0 +1,223 @@
+"""The Triton backend of the TTT scan (GPU kernels; the Triton interpreter runs them on CPU for tests).
+
+:func:`load` returns the backend (raises if Triton is not importable); :meth:`TritonBackend.unsupported`
+names what the kernels do not cover, so the dispatcher of :mod:`ttt.ops.scan` falls back visibly.
+Kernels live in ``triton_kernels.py`` and are loaded per mode: compiled for CUDA tensors, interpreted
+for CPU tensors when ``TRITON_INTERPRET=1`` is set at call time (so tests need no special import order).
+
+``tl.dot`` precision of the fp32 products: ``ieee`` (exact fp32) unless ``$TTT_TRITON_PRECISION`` says
+``tf32``, or, with the variable unset, PyTorch's own setting allows TF32
+(``torch.get_float32_matmul_precision() != "highest"``). See ``docs/triton.md``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+EPS = 1e-6
+PRECISION_ENV = "TTT_TRITON_PRECISION"
+HEAD_DIMS = (16, 32, 64, 128)
+MIN_MB, MAX_MB = 8, 64
+_KERNEL_FILE = Path(__file__).with_name("triton_kernels.py")
+_KMODS: dict[bool, ModuleType] = {}
+
+
+def interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET=1`` is set now (CPU tensors then run in the Triton interpreter)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernels(interpret: bool) -> ModuleType:
+    """The kernel module, decorated for the interpreter or for the GPU compiler (loaded once each)."""
+    if interpret not in _KMODS:
+        old = os.environ.pop("TRITON_INTERPRET", None)
+        if interpret:
+            os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            name = f"ttt.ops.scan._triton_kernels_{'interpreted' if interpret else 'compiled'}"
+            spec = importlib.util.spec_from_file_location(name, _KERNEL_FILE)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+        finally:
+            os.environ.pop("TRITON_INTERPRET", None)
+            if old is not None:
+                os.environ["TRITON_INTERPRET"] = old
+        _KMODS[interpret] = mod
+    return _KMODS[interpret]
+
+
+def dot_precision() -> str:
+    """``"ieee"`` or ``"tf32"`` (see the module docstring)."""
+    env = os.environ.get(PRECISION_ENV, "").strip().lower()
+    if env:
+        if env not in ("ieee", "tf32"):
+            raise ValueError(f"{PRECISION_ENV} must be ieee or tf32, got {env!r}")
+        return env
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+# --------------------------------------------------------------------------------------------------
+# launch configurations (also enumerated by the ahead-of-time compile tests)
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Config:
+    """One compiled variant: kernel name, compile-time constants and launch options."""
+
+    kernel: str
+    constexprs: tuple[tuple[str, object], ...]
+    num_warps: int
+    num_stages: int = 1
+
+    @property
+    def consts(self) -> dict[str, object]:
+        return dict(self.constexprs)
+
+
+def mlp_tile(f: int, bb: int) -> int:
+    """Hidden-dimension tile width of the TTT-MLP kernels (keeps ~a dozen [F, BH] tiles on chip)."""
+    return 32 if f * bb >= 64 * 32 or f >= 128 else 64
+
+
+def num_warps(f: int, bb: int, mlp: bool) -> int:
+    return 8 if f >= 64 or (mlp and bb >= 32) else 4
+
+
+def scan_config(kind: str, b: int, f: int, has_ln: bool, save: bool, prec: str) -> Config:
+    """The configuration the backend launches for ``kind`` in ``linear_fwd/linear_bwd/mlp_fwd/mlp_bwd``."""
+    bb = max(b, 16)
+    mlp = kind.startswith("mlp")
+    c: dict[str, object] = {"B": b, "BB": bb, "F": f, "PREC": prec, "EPS": EPS}
+    if mlp:
+        c["F1"], c["BH"] = 4 * f, mlp_tile(f, bb)
+    else:
+        c["HAS_LN"] = has_ln
+    if kind.endswith("fwd"):
+        c["SAVE"] = save
+    return Config(f"{kind}_kernel", tuple(c.items()), num_warps(f, bb, mlp))
+
+
+def decode_config(f: int, mlp: bool) -> Config:
+    c: dict[str, object] = {"F": f, "EPS": EPS}
+    if mlp:
+        c["F1"], c["BH"] = 4 * f, min(64, 4 * f)
+    return Config("mlp_decode_kernel" if mlp else "linear_decode_kernel", tuple(c.items()),
+                  8 if f >= 64 else 4)
+
+
+def _launch(cfg: Config, interpret: bool, rows: int, *args) -> None:
+    fn = getattr(kernels(interpret), cfg.kernel)
+    fn[(rows,)](*args, **cfg.consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# --------------------------------------------------------------------------------------------------
+# packing the state: one fp32 vector per row
+# --------------------------------------------------------------------------------------------------
+
+def _pack(state: tuple[Tensor, ...]) -> Tensor:
+    r = state[0].shape[0]
+    return torch.cat([t.reshape(r, -1).to(torch.float32) for t in state], 1).contiguous()
+
+
+def _unpack(flat: Tensor, like: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    out, o = [], 0
+    for t in like:
+        n = t[0].numel()
+        out.append(flat[..., o:o + n].reshape(*flat.shape[:-1], *t.shape[1:]).to(t.dtype))
+        o += n
+    return tuple(out)
+
+
+def _c(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+class TritonBackend:
+    """The scan backend of :mod:`ttt.ops.scan` running the kernels of ``triton_kernels.py``."""
+
+    name = "triton"
+
+    def unsupported(self, k: Tensor, ln_w: Tensor | None, state: tuple[Tensor, ...]) -> str | None:
+        interp = interpreting()
+        if k.device.type != "cuda" and not (interp and k.device.type == "cpu"):
+            return f"{k.device.type} tensors (the kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
+        if k.device.type == "cuda" and interp:
+            return "TRITON_INTERPRET=1 is set but the tensors are on CUDA"
+        if state[0].dtype != torch.float32:
+            return f"inner state in {state[0].dtype} (the kernels keep an fp32 state)"
+        if k.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"inputs in {k.dtype}"
+        f, b = k.shape[-1], k.shape[-2]
+        if f not in HEAD_DIMS:
+            return f"head dim {f} (kernels cover {', '.join(map(str, HEAD_DIMS))})"
+        if not MIN_MB <= b <= MAX_MB or b & (b - 1):
+            return f"mini-batch size {b} (kernels cover powers of 2 in {MIN_MB}-{MAX_MB})"
+        if ln_w is None:
+            return "no inner LayerNorm (ln_residual=False)"
+        if len(state) == 8 and state[0].shape[-1] != 4 * f:
+            return f"TTT-MLP hidden size {state[0].shape[-1]} (kernels cover 4 * head dim)"
+        return None
+
+    def forward(self, k: Tensor, q: Tensor, s: Tensor, lr: Tensor, coef: Tensor, ln_w: Tensor | None,
+                n_complete: Tensor, state: tuple[Tensor, ...], group: int, save: bool
+                ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        rows, n, b, f = k.shape
+        kind = "mlp" if len(state) == 8 else "linear"
+        interp = k.device.type == "cpu"
+        cfg = scan_config(f"{kind}_fwd", b, f, ln_w is not None, save, dot_precision())
+        ng = -(-n // group) if save else 1
+        st = _pack(state)
+        out = st.clone() if kind == "mlp" else torch.empty_like(st)
+        ck = st.new_empty(rows, ng, st.shape[1]) if save else st.new_empty(1)
+        zbar = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+        lnw = _c(ln_w) if ln_w is not None else coef
+        nc = n_complete.to(torch.int64).contiguous()
+        args = (_c(k), _c(q), _c(s), _c(lr), _c(coef), lnw, nc, st, zbar, out, ck, n, group, ng)
+        if n > 0:
+            _launch(cfg, interp, rows, *args)
+        else:
+            out = st
+        saved = (ck,) if save else ()
+        return zbar.to(k.dtype) if k.dtype != torch.float32 else zbar, _unpack(out, state), saved
+
+    def backward(self, k: Tensor, q: Tensor, s: Tensor, lr: Tensor, coef: Tensor, ln_w: Tensor | None,
+                 n_complete: Tensor, saved: tuple[Tensor, ...], group: int, d_zbar: Tensor,
+                 d_final: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+        rows, n, b, f = k.shape
+        kind = "mlp" if len(d_final) == 8 else "linear"
+        interp = k.device.type == "cpu"
+        cfg = scan_config(f"{kind}_bwd", b, f, ln_w is not None, False, dot_precision())
+        (ck,) = saved
+        ng = ck.shape[1]
+        dst = _pack(d_final)
+        scr = dst.new_empty(rows, group, dst.shape[1])
+        dk, dq, ds, dlr = (torch.empty_like(t) for t in (k, q, s, lr))
+        bb = max(b, 16)
+        dcoef = torch.zeros(rows, bb, dtype=torch.float32, device=k.device)
+        dlnw = torch.zeros(rows, f, dtype=torch.float32, device=k.device)
+        lnw = _c(ln_w) if ln_w is not None else coef
+        nc = n_complete.to(torch.int64).contiguous()
+        args = [_c(k), _c(q), _c(s), _c(lr), _c(coef), lnw, nc, ck, _c(d_zbar), dst, scr]
+        if kind == "mlp":
+            args.append(dst.new_empty(rows, bb, 4 * f))
+        args += [dk, dq, ds, dlr, dcoef, dlnw, n, group, ng]
+        _launch(cfg, interp, rows, *args)
+        d_coef = dcoef[:, :b].sum(0).to(coef.dtype)
+        d_lnw = dlnw.to(ln_w.dtype) if ln_w is not None else None
+        return (dk, dq, ds, dlr, d_coef, d_lnw, *_unpack(dst, d_final))
+
+
+def load() -> TritonBackend:
+    """The backend; raises ImportError when Triton is not installed."""
+    import triton  # noqa: F401
+
+    return TritonBackend()
