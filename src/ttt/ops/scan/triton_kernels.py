@@ -93,9 +93,15 @@ def _store_rows(ptr, x, ib, fo, rmask, F: tl.constexpr):
 
 
 @triton.jit
+def _off(r0, c0, ROWS: tl.constexpr, COLS: tl.constexpr, LD: tl.constexpr):
+    """Offsets of the ``[ROWS, COLS]`` block at ``(r0, c0)`` of a row-major matrix with ``LD`` columns."""
+    return (r0 + tl.arange(0, ROWS))[:, None] * LD + (c0 + tl.arange(0, COLS))[None, :]
+
+
+@triton.jit
 def _mat(ptr, r0, c0, ROWS: tl.constexpr, COLS: tl.constexpr, LD: tl.constexpr):
     """Pointers of the ``[ROWS, COLS]`` block at ``(r0, c0)`` of a row-major matrix with ``LD`` columns."""
-    return ptr + (r0 + tl.arange(0, ROWS))[:, None] * LD + (c0 + tl.arange(0, COLS))[None, :]
+    return ptr + _off(r0, c0, ROWS, COLS, LD)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,5 +310,345 @@ def linear_bwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, ck
     tl.store(dst + F * F + fo, d_b)
     tl.store(_mat(dst + F * F + F, 0, 0, F, F, F), d_gw)
     tl.store(dst + 2 * F * F + F + fo, d_gb)
+    tl.store(dcoef_ptr + r * BB + ib, dcoef)
+    tl.store(dlnw_ptr + r * F + fo, dlnw)
+
+
+# --------------------------------------------------------------------------------------------------
+# TTT-MLP: the state (W1 [F, F1], W2 [F1, F], ...) is too large for registers at F1 = 4F; it lives in
+# this program's slice of global memory (L2-resident) and every mini-batch streams over hidden tiles
+# of BH columns of W1 / rows of W2, keeping only [BB, F] and [BB, BB] activations on chip.
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _copy(src, dst, SZ: tl.constexpr):
+    CH: tl.constexpr = 1024
+    for o in range(0, SZ, CH):
+        idx = o + tl.arange(0, CH)
+        tl.store(dst + idx, tl.load(src + idx, mask=idx < SZ), mask=idx < SZ)
+
+
+@triton.jit
+def _mlp_fwd_step(src, dst, kk, qq, ss, lr, coef, e, a1, lnw, c_last, complete, first,
+                  BB: tl.constexpr, F: tl.constexpr, F1: tl.constexpr, BH: tl.constexpr,
+                  PREC: tl.constexpr, EPS: tl.constexpr):
+    """torch_scan.mlp_step reading the state at ``src`` and writing the new one at ``dst`` (may alias)."""
+    O_B1: tl.constexpr = F * F1
+    O_W2: tl.constexpr = F * F1 + F1
+    O_B2: tl.constexpr = 2 * F * F1 + F1
+    HALF: tl.constexpr = 2 * F * F1 + F1 + F
+    NT: tl.constexpr = F1 // BH
+    fo = tl.arange(0, F)
+    ho = tl.arange(0, BH)
+    b2 = tl.load(src + O_B2 + fo)
+    gb2 = tl.load(src + HALF + O_B2 + fo)
+    z2 = tl.zeros([BB, F], dtype=tl.float32) + b2[None, :]
+    for t in range(NT):
+        w1 = tl.load(_mat(src, 0, t * BH, F, BH, F1))
+        b1 = tl.load(src + O_B1 + t * BH + ho)
+        w2 = tl.load(_mat(src + O_W2, t * BH, 0, BH, F, F))
+        z2 += _dot(_gelu(_dot(kk, w1, PREC) + b1[None, :]), w2, PREC)
+    _, _, _, g2 = _ln_grad(z2, ss, lnw, F, EPS)
+    lg2 = lr[:, None] * g2
+    zb2 = tl.zeros([BB, F], dtype=tl.float32) + b2[None, :]
+    xx = tl.zeros([BB, BB], dtype=tl.float32)
+    for t in range(NT):
+        o_w1 = _off(0, t * BH, F, BH, F1)
+        o_b1 = O_B1 + t * BH + ho
+        o_w2 = O_W2 + _off(t * BH, 0, BH, F, F)
+        w1 = tl.load(src + o_w1)
+        b1 = tl.load(src + o_b1)
+        w2 = tl.load(src + o_w2)
+        gw1 = tl.load(src + HALF + o_w1)
+        gb1 = tl.load(src + HALF + o_b1)
+        gw2 = tl.load(src + HALF + o_w2)
+        z1 = _dot(kk, w1, PREC) + b1[None, :]
+        x2 = _gelu(z1)
+        g1 = _dot(g2, tl.trans(w2), PREC) * _gelu_grad(z1)
+        zb1 = _dot(qq, w1, PREC) + b1[None, :] - _dot(a1, g1, PREC)
+        if first:
+            zb1 = zb1 - coef[:, None] * (_dot(qq, gw1, PREC) + gb1[None, :])
+        xb2 = _gelu(zb1)
+        zb2 += _dot(xb2, w2, PREC)
+        if first:
+            zb2 -= coef[:, None] * _dot(xb2, gw2, PREC)
+        xx += _dot(xb2, tl.trans(x2), PREC)
+        lg1 = lr[:, None] * g1
+        acc_w1 = gw1 + _dot(tl.trans(kk), lg1, PREC)
+        acc_b1 = gb1 + tl.sum(lg1, 0)
+        acc_w2 = gw2 + _dot(tl.trans(x2), lg2, PREC)
+        tl.debug_barrier()
+        d_w1 = dst + o_w1
+        d_b1 = dst + o_b1
+        d_w2 = dst + o_w2
+        tl.store(d_w1, tl.where(complete, w1 - c_last * acc_w1, w1))
+        tl.store(d_b1, tl.where(complete, b1 - c_last * acc_b1, b1))
+        tl.store(d_w2, tl.where(complete, w2 - c_last * acc_w2, w2))
+        tl.store(d_w1 + HALF, tl.where(complete, 0.0, acc_w1))
+        tl.store(d_b1 + HALF, tl.where(complete, 0.0, acc_b1))
+        tl.store(d_w2 + HALF, tl.where(complete, 0.0, acc_w2))
+    zb2 -= _dot(e * (xx + 1.0), g2, PREC)
+    if first:
+        zb2 -= coef[:, None] * gb2[None, :]
+    acc_b2 = gb2 + tl.sum(lg2, 0)
+    tl.store(dst + O_B2 + fo, tl.where(complete, b2 - c_last * acc_b2, b2))
+    tl.store(dst + HALF + O_B2 + fo, tl.where(complete, 0.0, acc_b2))
+    tl.debug_barrier()
+    return zb2
+
+
+@triton.jit
+def mlp_fwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, st_ptr, zbar_ptr, out_ptr,
+                   ck_ptr, N, group, NG,
+                   B: tl.constexpr, BB: tl.constexpr, F: tl.constexpr, F1: tl.constexpr, BH: tl.constexpr,
+                   SAVE: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):
+    """One program per row; ``out`` holds the initial state on entry and is updated in place."""
+    r = tl.program_id(0).to(tl.int64)
+    SZ: tl.constexpr = 2 * (2 * F * F1 + F1 + F)
+    ib = tl.arange(0, BB)
+    fo = tl.arange(0, F)
+    rmask = ib < B
+    out = out_ptr + r * SZ
+    coef = tl.load(coef_ptr + ib, mask=rmask, other=0.0).to(tl.float32)
+    c_last = tl.load(coef_ptr + B - 1).to(tl.float32)
+    lnw = tl.load(lnw_ptr + r * F + fo).to(tl.float32)
+    tril = ib[:, None] >= ib[None, :]
+    nc = tl.load(nc_ptr + r)
+    for m in range(N):
+        if SAVE:
+            if m % group == 0:
+                _copy(out, ck_ptr + (r * NG + m // group) * SZ, SZ)
+        base = (r * N + m) * B * F
+        kk = _load_rows(k_ptr + base, ib, fo, rmask, F)
+        qq = _load_rows(q_ptr + base, ib, fo, rmask, F)
+        ss = _load_rows(s_ptr + base, ib, fo, rmask, F)
+        lr = tl.load(lr_ptr + (r * N + m) * B + ib, mask=rmask, other=0.0).to(tl.float32)
+        e = tl.where(tril, coef[:, None] * lr[None, :], 0.0)
+        a1 = e * (_dot(qq, tl.trans(kk), PREC) + 1.0)
+        zb2 = _mlp_fwd_step(out, out, kk, qq, ss, lr, coef, e, a1, lnw, c_last, m < nc, m == 0,
+                            BB, F, F1, BH, PREC, EPS)
+        _store_rows(zbar_ptr + base, zb2, ib, fo, rmask, F)
+
+
+@triton.jit
+def mlp_bwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, ck_ptr, dzbar_ptr, dst_ptr,
+                   scr_ptr, tmp_ptr, dk_ptr, dq_ptr, ds_ptr, dlr_ptr, dcoef_ptr, dlnw_ptr, N, group, NG,
+                   B: tl.constexpr, BB: tl.constexpr, F: tl.constexpr, F1: tl.constexpr, BH: tl.constexpr,
+                   PREC: tl.constexpr, EPS: tl.constexpr):
+    """Reverse scan of one row (torch_scan.scan_backward with mlp_step_backward), hidden-tiled.
+
+    Per mini-batch: pass A recomputes Z2; pass B walks the hidden tiles once for everything that needs
+    only G2 (and keeps ``dZ1`` minus its dZ2 part in ``tmp [R, BB, F1]``); after the LayerNorm backward,
+    pass C adds the terms that need dZ2. The state gradient ``dst`` is updated in place.
+    """
+    r = tl.program_id(0).to(tl.int64)
+    O_B1: tl.constexpr = F * F1
+    O_W2: tl.constexpr = F * F1 + F1
+    O_B2: tl.constexpr = 2 * F * F1 + F1
+    HALF: tl.constexpr = 2 * F * F1 + F1 + F
+    SZ: tl.constexpr = 2 * HALF
+    NT: tl.constexpr = F1 // BH
+    ib = tl.arange(0, BB)
+    fo = tl.arange(0, F)
+    ho = tl.arange(0, BH)
+    rmask = ib < B
+    coef = tl.load(coef_ptr + ib, mask=rmask, other=0.0).to(tl.float32)
+    c_last = tl.load(coef_ptr + B - 1).to(tl.float32)
+    lnw = tl.load(lnw_ptr + r * F + fo).to(tl.float32)
+    tril = ib[:, None] >= ib[None, :]
+    nc = tl.load(nc_ptr + r)
+    dst = dst_ptr + r * SZ
+    tmp = tmp_ptr + r * BB * F1
+    dcoef = tl.zeros([BB], dtype=tl.float32)
+    dlnw = tl.zeros([F], dtype=tl.float32)
+    scr = scr_ptr + r * group * SZ
+    for gg in range(NG):
+        gi = NG - 1 - gg
+        m0 = gi * group
+        m1 = tl.minimum(m0 + group, N)
+        tl.debug_barrier()
+        _copy(ck_ptr + (r * NG + gi) * SZ, scr, SZ)
+        tl.debug_barrier()
+        for m in range(m0, m1 - 1):
+            base = (r * N + m) * B * F
+            kk = _load_rows(k_ptr + base, ib, fo, rmask, F)
+            qq = _load_rows(q_ptr + base, ib, fo, rmask, F)
+            ss = _load_rows(s_ptr + base, ib, fo, rmask, F)
+            lr = tl.load(lr_ptr + (r * N + m) * B + ib, mask=rmask, other=0.0).to(tl.float32)
+            e = tl.where(tril, coef[:, None] * lr[None, :], 0.0)
+            a1 = e * (_dot(qq, tl.trans(kk), PREC) + 1.0)
+            sl = scr + (m - m0) * SZ
+            _mlp_fwd_step(sl, sl + SZ, kk, qq, ss, lr, coef, e, a1, lnw, c_last, m < nc, m == 0,
+                          BB, F, F1, BH, PREC, EPS)
+        for mm in range(m0, m1):
+            m = m1 - 1 - (mm - m0)
+            st = scr + (m - m0) * SZ
+            base = (r * N + m) * B * F
+            kk = _load_rows(k_ptr + base, ib, fo, rmask, F)
+            qq = _load_rows(q_ptr + base, ib, fo, rmask, F)
+            ss = _load_rows(s_ptr + base, ib, fo, rmask, F)
+            dz_out = _load_rows(dzbar_ptr + base, ib, fo, rmask, F)
+            lr = tl.load(lr_ptr + (r * N + m) * B + ib, mask=rmask, other=0.0).to(tl.float32)
+            e = tl.where(tril, coef[:, None] * lr[None, :], 0.0)
+            qk1 = _dot(qq, tl.trans(kk), PREC) + 1.0
+            a1 = e * qk1
+            complete = m < nc
+            first = m == 0
+            # pass A: Z2 and the inner-loss gradient G2
+            b2 = tl.load(st + O_B2 + fo)
+            gb2 = tl.load(st + HALF + O_B2 + fo)
+            z2 = tl.zeros([BB, F], dtype=tl.float32) + b2[None, :]
+            for t in range(NT):
+                w1 = tl.load(_mat(st, 0, t * BH, F, BH, F1))
+                b1 = tl.load(st + O_B1 + t * BH + ho)
+                w2 = tl.load(_mat(st + O_W2, t * BH, 0, BH, F, F))
+                z2 += _dot(_gelu(_dot(kk, w1, PREC) + b1[None, :]), w2, PREC)
+            xhat, rstd, gy, g2 = _ln_grad(z2, ss, lnw, F, EPS)
+            lg2 = lr[:, None] * g2
+            # b2 / gb2 part of the close and of the output
+            d_b2n = tl.load(dst + O_B2 + fo)
+            d_gb2n = tl.load(dst + HALF + O_B2 + fo)
+            acc_b2 = gb2 + tl.sum(lg2, 0)
+            d_cl = tl.where(complete, -tl.sum(acc_b2 * d_b2n, 0), 0.0)
+            d_gb2c = tl.where(complete, -c_last * d_b2n, d_gb2n)
+            d_b2 = d_b2n + tl.sum(dz_out, 0)
+            cz = coef[:, None] * dz_out
+            d_gb2 = d_gb2c
+            if first:
+                d_gb2 = d_gb2 - tl.sum(cz, 0)
+                dcoef = dcoef - tl.sum(gb2[None, :] * dz_out, 1)
+            d_a2 = -_dot(dz_out, tl.trans(g2), PREC)
+            d_s2 = d_a2 * e
+            # pass B
+            xx = tl.zeros([BB, BB], dtype=tl.float32)
+            d_lg2 = tl.zeros([BB, F], dtype=tl.float32) + d_gb2c[None, :]
+            dg2 = tl.zeros([BB, F], dtype=tl.float32)
+            d_a1 = tl.zeros([BB, BB], dtype=tl.float32)
+            dq = tl.zeros([BB, F], dtype=tl.float32)
+            dk = tl.zeros([BB, F], dtype=tl.float32)
+            dlr = tl.zeros([BB], dtype=tl.float32)
+            for t in range(NT):
+                o_w1 = _off(0, t * BH, F, BH, F1)
+                o_b1 = O_B1 + t * BH + ho
+                o_w2 = O_W2 + _off(t * BH, 0, BH, F, F)
+                w1 = tl.load(st + o_w1)
+                b1 = tl.load(st + o_b1)
+                w2 = tl.load(st + o_w2)
+                gw1 = tl.load(st + HALF + o_w1)
+                gb1 = tl.load(st + HALF + o_b1)
+                gw2 = tl.load(st + HALF + o_w2)
+                q_w1 = dst + o_w1
+                q_b1 = dst + o_b1
+                q_w2 = dst + o_w2
+                d_w1n = tl.load(q_w1)
+                d_b1n = tl.load(q_b1)
+                d_w2n = tl.load(q_w2)
+                z1 = _dot(kk, w1, PREC) + b1[None, :]
+                x2 = _gelu(z1)
+                dgel = _gelu_grad(z1)
+                p = _dot(g2, tl.trans(w2), PREC)
+                g1 = p * dgel
+                zb1 = _dot(qq, w1, PREC) + b1[None, :] - _dot(a1, g1, PREC)
+                if first:
+                    zb1 = zb1 - coef[:, None] * (_dot(qq, gw1, PREC) + gb1[None, :])
+                xb2 = _gelu(zb1)
+                xx += _dot(xb2, tl.trans(x2), PREC)
+                lg1 = lr[:, None] * g1
+                acc_w1 = gw1 + _dot(tl.trans(kk), lg1, PREC)
+                acc_b1 = gb1 + tl.sum(lg1, 0)
+                acc_w2 = gw2 + _dot(tl.trans(x2), lg2, PREC)
+                cl = tl.sum(tl.sum(acc_w1 * d_w1n, 1), 0) + tl.sum(acc_b1 * d_b1n, 0)
+                cl += tl.sum(tl.sum(acc_w2 * d_w2n, 1), 0)
+                d_cl += tl.where(complete, -cl, 0.0)
+                d_gw1 = tl.where(complete, -c_last * d_w1n, tl.load(q_w1 + HALF))
+                d_gb1 = tl.where(complete, -c_last * d_b1n, tl.load(q_b1 + HALF))
+                d_gw2 = tl.where(complete, -c_last * d_w2n, tl.load(q_w2 + HALF))
+                # accumulators
+                d_lg1 = _dot(kk, d_gw1, PREC) + d_gb1[None, :]
+                d_lg2 += _dot(x2, d_gw2, PREC)
+                dk += _dot(lg1, tl.trans(d_gw1), PREC)
+                dx2 = _dot(lg2, tl.trans(d_gw2), PREC)
+                dlr += tl.sum(g1 * d_lg1, 1)
+                dg1 = lr[:, None] * d_lg1
+                # second layer output
+                d_w2 = d_w2n + _dot(tl.trans(xb2), dz_out, PREC)
+                dxb2 = _dot(dz_out, tl.trans(w2), PREC)
+                if first:
+                    d_gw2 = d_gw2 - _dot(tl.trans(xb2), cz, PREC)
+                    dxb2 = dxb2 - _dot(cz, tl.trans(gw2), PREC)
+                    dcoef = dcoef - tl.sum(_dot(xb2, gw2, PREC) * dz_out, 1)
+                dxb2 += _dot(d_s2, x2, PREC)
+                dx2 += _dot(tl.trans(d_s2), xb2, PREC)
+                # first layer output
+                dzb1 = dxb2 * _gelu_grad(zb1)
+                d_w1 = d_w1n + _dot(tl.trans(qq), dzb1, PREC)
+                d_b1 = d_b1n + tl.sum(dzb1, 0)
+                dq += _dot(dzb1, tl.trans(w1), PREC)
+                d_a1 -= _dot(dzb1, tl.trans(g1), PREC)
+                dg1 -= _dot(tl.trans(a1), dzb1, PREC)
+                if first:
+                    cz1 = coef[:, None] * dzb1
+                    d_gw1 = d_gw1 - _dot(tl.trans(qq), cz1, PREC)
+                    d_gb1 = d_gb1 - tl.sum(cz1, 0)
+                    dq -= _dot(cz1, tl.trans(gw1), PREC)
+                    dcoef = dcoef - tl.sum((_dot(qq, gw1, PREC) + gb1[None, :]) * dzb1, 1)
+                # G1 = (G2 W2^T) * gelu'(Z1)
+                dp = dg1 * dgel
+                dg2 += _dot(dp, w2, PREC)
+                d_w2 += _dot(tl.trans(dp), g2, PREC)
+                t_part = dg1 * p * _gelu_grad2(z1) + dx2 * dgel
+                tl.store(_mat(tmp, 0, t * BH, BB, BH, F1), t_part)
+                tl.debug_barrier()
+                tl.store(q_w1, d_w1)
+                tl.store(q_b1, d_b1)
+                tl.store(q_w2, d_w2)
+                tl.store(q_w1 + HALF, d_gw1)
+                tl.store(q_b1 + HALF, d_gb1)
+                tl.store(q_w2 + HALF, d_gw2)
+            # after the tiles: A2, the rest of dG2, E, A1, and the LayerNorm backward
+            xx1 = xx + 1.0
+            dlr += tl.sum(g2 * d_lg2, 1)
+            dg2 += lr[:, None] * d_lg2 - _dot(tl.trans(e * xx1), dz_out, PREC)
+            d_e = tl.where(tril, d_a2 * xx1 + d_a1 * qk1, 0.0)
+            d_s1 = d_a1 * e
+            dq += _dot(d_s1, kk, PREC)
+            dk += _dot(tl.trans(d_s1), qq, PREC)
+            dcoef = dcoef + tl.sum(d_e * lr[None, :], 1)
+            dlr += tl.sum(d_e * coef[:, None], 0)
+            dz2, ds, dl = _ln_grad_backward(dg2, g2, gy, xhat, rstd, ss, lnw, F)
+            dlnw += dl
+            d_b2 += tl.sum(dz2, 0)
+            tl.debug_barrier()
+            # pass C: the terms through dZ2
+            for t in range(NT):
+                o_w1 = _off(0, t * BH, F, BH, F1)
+                o_b1 = O_B1 + t * BH + ho
+                o_w2 = O_W2 + _off(t * BH, 0, BH, F, F)
+                w1 = tl.load(st + o_w1)
+                b1 = tl.load(st + o_b1)
+                w2 = tl.load(st + o_w2)
+                z1 = _dot(kk, w1, PREC) + b1[None, :]
+                x2 = _gelu(z1)
+                dz1 = tl.load(_mat(tmp, 0, t * BH, BB, BH, F1))
+                dz1 += _dot(dz2, tl.trans(w2), PREC) * _gelu_grad(z1)
+                q_w1 = dst + o_w1
+                q_b1 = dst + o_b1
+                q_w2 = dst + o_w2
+                d_w2 = tl.load(q_w2) + _dot(tl.trans(x2), dz2, PREC)
+                d_w1 = tl.load(q_w1) + _dot(tl.trans(kk), dz1, PREC)
+                d_b1 = tl.load(q_b1) + tl.sum(dz1, 0)
+                dk += _dot(dz1, tl.trans(w1), PREC)
+                tl.debug_barrier()
+                tl.store(q_w2, d_w2)
+                tl.store(q_w1, d_w1)
+                tl.store(q_b1, d_b1)
+            tl.store(dst + O_B2 + fo, d_b2)
+            tl.store(dst + HALF + O_B2 + fo, d_gb2)
+            dcoef += tl.where(ib == B - 1, d_cl, 0.0)
+            _store_rows(dk_ptr + base, dk, ib, fo, rmask, F)
+            _store_rows(dq_ptr + base, dq, ib, fo, rmask, F)
+            _store_rows(ds_ptr + base, ds, ib, fo, rmask, F)
+            tl.store(dlr_ptr + (r * N + m) * B + ib, dlr.to(dlr_ptr.dtype.element_ty), mask=rmask)
+            tl.debug_barrier()
     tl.store(dcoef_ptr + r * BB + ib, dcoef)
     tl.store(dlnw_ptr + r * F + fo, dlnw)

@@ -84,8 +84,9 @@ class Config:
 
 
 def mlp_tile(f: int, bb: int) -> int:
-    """Hidden-dimension tile width of the TTT-MLP kernels (keeps ~a dozen [F, BH] tiles on chip)."""
-    return 32 if f * bb >= 64 * 32 or f >= 128 else 64
+    """Hidden-dimension tile width of the TTT-MLP kernels (at least 2 tiles; narrower for big tiles)."""
+    bh = 32 if f * bb >= 64 * 32 or f >= 128 else 64
+    return min(bh, 2 * f)
 
 
 def num_warps(f: int, bb: int, mlp: bool) -> int:
