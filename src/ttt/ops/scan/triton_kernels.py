@@ -652,3 +652,131 @@ def mlp_bwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, ck_pt
             tl.debug_barrier()
     tl.store(dcoef_ptr + r * BB + ib, dcoef)
     tl.store(dlnw_ptr + r * F + fo, dlnw)
+
+
+# --------------------------------------------------------------------------------------------------
+# one-token decode step (ttt.ops.decode.ttt_step): matrix-vector work, no tl.dot, one program per row
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _ln_vec(z, lnw, F: tl.constexpr, EPS: tl.constexpr):
+    """``(xhat, rstd)`` of a vector."""
+    zc = z - tl.sum(z, 0) / F
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, 0) / F + EPS)
+    return zc * rstd, rstd
+
+
+@triton.jit
+def _ln_grad_vec(z, s, lnw, F: tl.constexpr, EPS: tl.constexpr):
+    xhat, rstd = _ln_vec(z, lnw, F, EPS)
+    gy = lnw * (lnw * xhat + s)
+    return rstd * (gy - tl.sum(gy, 0) / F - xhat * (tl.sum(gy * xhat, 0) / F))
+
+
+@triton.jit
+def _decode_prologue(q_ptr, k_ptr, v_ptr, lr_ptr, coef_ptr, lnw_ptr, lnb_ptr, pos_ptr, act_ptr, H, MB,
+                     F: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    bi = r // H
+    h = r % H
+    fo = tl.arange(0, F)
+    qv = tl.load(q_ptr + r * F + fo).to(tl.float32)
+    kv = tl.load(k_ptr + r * F + fo).to(tl.float32)
+    vv = tl.load(v_ptr + r * F + fo).to(tl.float32)
+    lr = tl.load(lr_ptr + r).to(tl.float32)
+    lnw = tl.load(lnw_ptr + h * F + fo).to(tl.float32)
+    lnb = tl.load(lnb_ptr + h * F + fo).to(tl.float32)
+    pos = tl.load(pos_ptr + bi)
+    active = tl.load(act_ptr + bi) != 0
+    c = tl.load(coef_ptr + pos).to(tl.float32)
+    c_last = tl.load(coef_ptr + MB - 1).to(tl.float32)
+    closes = active & (pos == MB - 1)
+    return r, fo, qv, kv, vv, lr, lnw, lnb, active, closes, c, c_last
+
+
+@triton.jit
+def _decode_out(out_ptr, r, fo, qv, z, lnw, lnb, active, F: tl.constexpr, EPS: tl.constexpr):
+    xhat, _ = _ln_vec(z, lnw, F, EPS)
+    out = tl.where(active, qv + xhat * lnw + lnb, 0.0)
+    tl.store(out_ptr + r * F + fo, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _decode_put(new_w, new_g, old_w, acc_old, acc_new, active, closes, c_last):
+    """New weight / accumulator of one state tensor: ttt_step's closing rule."""
+    acc = tl.where(active, acc_new, acc_old)
+    tl.store(new_w, tl.where(closes, old_w - c_last * acc_new, old_w))
+    tl.store(new_g, tl.where(closes, 0.0, acc))
+
+
+@triton.jit
+def linear_decode_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, coef_ptr, lnw_ptr, lnb_ptr, pos_ptr, act_ptr,
+                         w_ptr, b_ptr, gw_ptr, gb_ptr, out_ptr, nw_ptr, nb_ptr, ngw_ptr, ngb_ptr, H, MB,
+                         F: tl.constexpr, EPS: tl.constexpr):
+    """TTT-Linear ttt_step for row ``r = batch * H + head``: reads the state, writes a new one."""
+    r, fo, qv, kv, vv, lr, lnw, lnb, active, closes, c, c_last = _decode_prologue(
+        q_ptr, k_ptr, v_ptr, lr_ptr, coef_ptr, lnw_ptr, lnb_ptr, pos_ptr, act_ptr, H, MB, F)
+    o_w = r * F * F + _off(0, 0, F, F, F)
+    o_b = r * F + fo
+    w = tl.load(w_ptr + o_w)
+    bv = tl.load(b_ptr + o_b)
+    gw = tl.load(gw_ptr + o_w)
+    gb = tl.load(gb_ptr + o_b)
+    z = tl.sum(kv[:, None] * w, 0) + bv
+    g = _ln_grad_vec(z, lnb - (vv - kv), lnw, F, EPS)
+    lg = lr * g
+    gw_new = gw + kv[:, None] * lg[None, :]
+    gb_new = gb + lg
+    zq = tl.sum(qv[:, None] * w, 0) + bv - c * (tl.sum(qv[:, None] * gw_new, 0) + gb_new)
+    _decode_out(out_ptr, r, fo, qv, zq, lnw, lnb, active, F, EPS)
+    _decode_put(nw_ptr + o_w, ngw_ptr + o_w, w, gw, gw_new, active, closes, c_last)
+    _decode_put(nb_ptr + o_b, ngb_ptr + o_b, bv, gb, gb_new, active, closes, c_last)
+
+
+@triton.jit
+def mlp_decode_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, coef_ptr, lnw_ptr, lnb_ptr, pos_ptr, act_ptr,
+                      w1_ptr, b1_ptr, w2_ptr, b2_ptr, gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr, out_ptr,
+                      nw1_ptr, nb1_ptr, nw2_ptr, nb2_ptr, ngw1_ptr, ngb1_ptr, ngw2_ptr, ngb2_ptr, H, MB,
+                      F: tl.constexpr, F1: tl.constexpr, BH: tl.constexpr, EPS: tl.constexpr):
+    """TTT-MLP ttt_step for one row, streaming over hidden tiles of ``BH``."""
+    r, fo, qv, kv, vv, lr, lnw, lnb, active, closes, c, c_last = _decode_prologue(
+        q_ptr, k_ptr, v_ptr, lr_ptr, coef_ptr, lnw_ptr, lnb_ptr, pos_ptr, act_ptr, H, MB, F)
+    NT: tl.constexpr = F1 // BH
+    ho = tl.arange(0, BH)
+    o_b2 = r * F + fo
+    b2 = tl.load(b2_ptr + o_b2)
+    gb2 = tl.load(gb2_ptr + o_b2)
+    z2 = b2
+    for t in range(NT):
+        w1 = tl.load(w1_ptr + r * F * F1 + _off(0, t * BH, F, BH, F1))
+        b1 = tl.load(b1_ptr + r * F1 + t * BH + ho)
+        w2 = tl.load(w2_ptr + r * F1 * F + _off(t * BH, 0, BH, F, F))
+        z2 += tl.sum(_gelu(tl.sum(kv[:, None] * w1, 0) + b1)[:, None] * w2, 0)
+    g2 = _ln_grad_vec(z2, lnb - (vv - kv), lnw, F, EPS)
+    lg2 = lr * g2
+    gb2_new = gb2 + lg2
+    z = b2 - c * gb2_new
+    for t in range(NT):
+        o_w1 = r * F * F1 + _off(0, t * BH, F, BH, F1)
+        o_b1 = r * F1 + t * BH + ho
+        o_w2 = r * F1 * F + _off(t * BH, 0, BH, F, F)
+        w1 = tl.load(w1_ptr + o_w1)
+        b1 = tl.load(b1_ptr + o_b1)
+        w2 = tl.load(w2_ptr + o_w2)
+        gw1 = tl.load(gw1_ptr + o_w1)
+        gb1 = tl.load(gb1_ptr + o_b1)
+        gw2 = tl.load(gw2_ptr + o_w2)
+        z1 = tl.sum(kv[:, None] * w1, 0) + b1
+        x2 = _gelu(z1)
+        lg1 = lr * tl.sum(w2 * g2[None, :], 1) * _gelu_grad(z1)
+        gw1_new = gw1 + kv[:, None] * lg1[None, :]
+        gb1_new = gb1 + lg1
+        gw2_new = gw2 + x2[:, None] * lg2[None, :]
+        zq1 = tl.sum(qv[:, None] * w1, 0) + b1 - c * (tl.sum(qv[:, None] * gw1_new, 0) + gb1_new)
+        xq2 = _gelu(zq1)
+        z += tl.sum(xq2[:, None] * w2, 0) - c * tl.sum(xq2[:, None] * gw2_new, 0)
+        _decode_put(nw1_ptr + o_w1, ngw1_ptr + o_w1, w1, gw1, gw1_new, active, closes, c_last)
+        _decode_put(nb1_ptr + o_b1, ngb1_ptr + o_b1, b1, gb1, gb1_new, active, closes, c_last)
+        _decode_put(nw2_ptr + o_w2, ngw2_ptr + o_w2, w2, gw2, gw2_new, active, closes, c_last)
+    _decode_out(out_ptr, r, fo, qv, z, lnw, lnb, active, F, EPS)
+    _decode_put(nb2_ptr + o_b2, ngb2_ptr + o_b2, b2, gb2, gb2_new, active, closes, c_last)

@@ -22,6 +22,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ..state import InnerState
+
 EPS = 1e-6
 PRECISION_ENV = "TTT_TRITON_PRECISION"
 HEAD_DIMS = (16, 32, 64, 128)
@@ -215,6 +217,50 @@ class TritonBackend:
         d_coef = dcoef[:, :b].sum(0).to(coef.dtype)
         d_lnw = dlnw.to(ln_w.dtype) if ln_w is not None else None
         return (dk, dq, ds, dlr, d_coef, d_lnw, *_unpack(dst, d_final))
+
+
+    # ---------------------------------------------------------------------------------------------
+    # one-token decode step (ttt.ops.decode.ttt_step)
+    # ---------------------------------------------------------------------------------------------
+
+    def decode_unsupported(self, xq: Tensor, state: InnerState) -> str | None:
+        """``None`` if :meth:`decode` can run these inputs, else a short reason."""
+        interp = interpreting()
+        if xq.device.type != "cuda" and not (interp and xq.device.type == "cpu"):
+            return f"{xq.device.type} tensors (the kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
+        if state.W1.dtype != torch.float32:
+            return f"inner state in {state.W1.dtype} (the kernels keep an fp32 state)"
+        if xq.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"inputs in {xq.dtype}"
+        f = xq.shape[-1]
+        if f not in HEAD_DIMS:
+            return f"head dim {f} (kernels cover {', '.join(map(str, HEAD_DIMS))})"
+        if state.is_mlp and state.W1.shape[-1] != 4 * f:
+            return f"TTT-MLP hidden size {state.W1.shape[-1]} (kernels cover 4 * head dim)"
+        return None
+
+    def decode(self, xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, coef: Tensor, ln_w: Tensor,
+               ln_b: Tensor, state: InnerState, lengths: Tensor | None = None) -> tuple[Tensor, InnerState]:
+        """:func:`ttt.ops.decode.ttt_step` in one kernel launch (same contract, no autograd)."""
+        bsz, heads, _, f = xq.shape
+        mb = coef.shape[0]
+        tensors = tuple(_c(t) for t in state.weights() + state.grads())
+        new = tuple(torch.empty_like(t) for t in tensors)
+        out = torch.empty_like(xq)
+        pos = state.pos.to(device=xq.device, dtype=torch.int64).contiguous()
+        if lengths is None:
+            active = torch.ones(bsz, dtype=torch.int32, device=xq.device)
+        else:
+            active = (lengths.to(xq.device) > 0).to(torch.int32)
+        cfg = decode_config(f, state.is_mlp)
+        _launch(cfg, xq.device.type == "cpu", bsz * heads, _c(xq), _c(xk), _c(xv), _c(lr), _c(coef),
+                _c(ln_w), _c(ln_b), pos, active, *tensors, out, *new, heads, mb)
+        new_pos = torch.where(active.bool(), (pos + 1) % mb, pos).to(state.pos.dtype)
+        n = len(new) // 2
+        w, g = new[:n], new[n:]
+        if state.is_mlp:
+            return out, InnerState(w[0], w[1], g[0], g[1], new_pos, w[2], w[3], g[2], g[3])
+        return out, InnerState(w[0], w[1], g[0], g[1], new_pos)
 
 
 def load() -> TritonBackend:
