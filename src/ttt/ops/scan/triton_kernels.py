@@ -18,12 +18,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-GELU_C = 0.7978845608028654  # sqrt(2 / pi)
-
-
 # --------------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    """``tl.sum`` of fp32 (spelled as a reduce so that the interpreter runs it even when Triton was
+    imported without ``TRITON_INTERPRET=1``: ``tl.sum`` itself is then a compiled-only function)."""
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
 
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr):
@@ -32,36 +36,39 @@ def _dot(a, b, PREC: tl.constexpr):
 
 @triton.jit
 def _tanh(u):
+    """tanh from exp (no tanh in tl); exact to fp32 rounding, saturates without overflow."""
     return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
 
 
+# 0.7978845608028654 = sqrt(2 / pi), the tanh-GELU constant (a literal: the interpreter rejects a
+# tl.constexpr global here and the compiler rejects a plain one)
 @triton.jit
 def _gelu(x):
-    return 0.5 * x * (1.0 + _tanh(GELU_C * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
 
 
 @triton.jit
 def _gelu_grad(x):
-    t = _tanh(GELU_C * (x + 0.044715 * x * x * x))
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3 * 0.044715 * x * x)
+    t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3 * 0.044715 * x * x)
 
 
 @triton.jit
 def _gelu_grad2(x):
-    t = _tanh(GELU_C * (x + 0.044715 * x * x * x))
-    du = GELU_C * (1.0 + 3 * 0.044715 * x * x)
-    return (1.0 - t * t) * (du + 3 * 0.044715 * GELU_C * x * x - x * t * du * du)
+    t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+    du = 0.7978845608028654 * (1.0 + 3 * 0.044715 * x * x)
+    return (1.0 - t * t) * (du + 3 * 0.044715 * 0.7978845608028654 * x * x - x * t * du * du)
 
 
 @triton.jit
 def _ln_grad(z, s, lnw, F: tl.constexpr, EPS: tl.constexpr):
     """Rows of ``z [BB, F]``: ``(xhat, rstd, gy, G)`` of the inner loss (torch_scan._ln_grad)."""
-    mu = tl.sum(z, 1) / F
+    mu = _sum(z, 1) / F
     zc = z - mu[:, None]
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, 1) / F + EPS)
+    rstd = 1.0 / tl.sqrt(_sum(zc * zc, 1) / F + EPS)
     xhat = zc * rstd[:, None]
     gy = lnw[None, :] * (lnw[None, :] * xhat + s)
-    g = rstd[:, None] * (gy - (tl.sum(gy, 1) / F)[:, None] - xhat * (tl.sum(gy * xhat, 1) / F)[:, None])
+    g = rstd[:, None] * (gy - (_sum(gy, 1) / F)[:, None] - xhat * (_sum(gy * xhat, 1) / F)[:, None])
     return xhat, rstd, gy, g
 
 
@@ -69,15 +76,15 @@ def _ln_grad(z, s, lnw, F: tl.constexpr, EPS: tl.constexpr):
 def _ln_grad_backward(dg, g, gy, xhat, rstd, s, lnw, F: tl.constexpr):
     """Backward of :func:`_ln_grad` given ``dG``: ``(dZ, dS, d ln_w summed over rows)``."""
     r = rstd[:, None]
-    dgy = r * (dg - (tl.sum(dg, 1) / F)[:, None] - xhat * (tl.sum(dg * xhat, 1) / F)[:, None])
-    s2 = tl.sum(gy * xhat, 1) / F
-    m_dx = tl.sum(dg * xhat, 1) / F
+    dgy = r * (dg - (_sum(dg, 1) / F)[:, None] - xhat * (_sum(dg * xhat, 1) / F)[:, None])
+    s2 = _sum(gy * xhat, 1) / F
+    m_dx = _sum(dg * xhat, 1) / F
     dxhat = -r * (dg * s2[:, None] + gy * m_dx[:, None]) + (lnw * lnw)[None, :] * dgy
-    drstd = tl.sum(dg * g, 1) / rstd
-    dz = r * (dxhat - (tl.sum(dxhat, 1) / F)[:, None] - xhat * (tl.sum(dxhat * xhat, 1) / F)[:, None])
+    drstd = _sum(dg * g, 1) / rstd
+    dz = r * (dxhat - (_sum(dxhat, 1) / F)[:, None] - xhat * (_sum(dxhat * xhat, 1) / F)[:, None])
     dz = dz - (rstd * rstd * drstd / F)[:, None] * xhat
     ds = lnw[None, :] * dgy
-    dlnw = tl.sum(dgy * (2.0 * lnw[None, :] * xhat + s), 0)
+    dlnw = _sum(dgy * (2.0 * lnw[None, :] * xhat + s), 0)
     return dz, ds, dlnw
 
 
@@ -123,7 +130,7 @@ def _linear_fwd_step(w, bv, gw, gb, kk, qq, ss, lr, coef, e, lnw, c_last, comple
         zbar = zbar - coef[:, None] * (_dot(qq, gw, PREC) + gb[None, :])
     lg = lr[:, None] * g
     acc_w = gw + _dot(tl.trans(kk), lg, PREC)
-    acc_b = gb + tl.sum(lg, 0)
+    acc_b = gb + _sum(lg, 0)
     w = tl.where(complete, w - c_last * acc_w, w)
     bv = tl.where(complete, bv - c_last * acc_b, bv)
     gw = tl.where(complete, 0.0, acc_w)
@@ -152,7 +159,7 @@ def linear_fwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, st
     if HAS_LN:
         lnw = tl.load(lnw_ptr + r * F + fo).to(tl.float32)
     else:
-        lnw = tl.zeros([F], dtype=tl.float32)
+        lnw = tl.full([F], 0.0, tl.float32)
     tril = ib[:, None] >= ib[None, :]
     nc = tl.load(nc_ptr + r)
     for m in range(N):
@@ -200,7 +207,7 @@ def linear_bwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, ck
     if HAS_LN:
         lnw = tl.load(lnw_ptr + r * F + fo).to(tl.float32)
     else:
-        lnw = tl.zeros([F], dtype=tl.float32)
+        lnw = tl.full([F], 0.0, tl.float32)
     tril = ib[:, None] >= ib[None, :]
     nc = tl.load(nc_ptr + r)
     dst = dst_ptr + r * SZ
@@ -208,8 +215,8 @@ def linear_bwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, ck
     d_b = tl.load(dst + F * F + fo)
     d_gw = tl.load(_mat(dst + F * F + F, 0, 0, F, F, F))
     d_gb = tl.load(dst + 2 * F * F + F + fo)
-    dcoef = tl.zeros([BB], dtype=tl.float32)
-    dlnw = tl.zeros([F], dtype=tl.float32)
+    dcoef = tl.full([BB], 0.0, tl.float32)
+    dlnw = tl.full([F], 0.0, tl.float32)
     scr = scr_ptr + r * group * SZ
     for gg in range(NG):
         gi = NG - 1 - gg
@@ -262,36 +269,36 @@ def linear_bwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, ck
             a = e * qk1
             lg = lr[:, None] * g
             acc_w = gw + _dot(tl.trans(kk), lg, PREC)
-            acc_b = gb + tl.sum(lg, 0)
+            acc_b = gb + _sum(lg, 0)
             # close: W' = W - c_last * acc (complete rows), acc' = 0 / acc
-            d_cl = tl.sum(tl.sum(acc_w * d_w, 1), 0) + tl.sum(acc_b * d_b, 0)
+            d_cl = _sum(_sum(acc_w * d_w, 1), 0) + _sum(acc_b * d_b, 0)
             d_cl = tl.where(complete, -d_cl, 0.0)
             d_gw = tl.where(complete, -c_last * d_w, d_gw)
             d_gb = tl.where(complete, -c_last * d_b, d_gb)
             # accumulators: acc = g_in + K^T (lr * G)
             d_lg = _dot(kk, d_gw, PREC) + d_gb[None, :]
             dk = _dot(lg, tl.trans(d_gw), PREC)
-            dlr = tl.sum(g * d_lg, 1)
+            dlr = _sum(g * d_lg, 1)
             dg = lr[:, None] * d_lg
             # output: Zbar = Q W + b - A G [- c (Q gW + gb)]
             d_w = d_w + _dot(tl.trans(qq), dz_out, PREC)
-            d_b = d_b + tl.sum(dz_out, 0)
+            d_b = d_b + _sum(dz_out, 0)
             dq = _dot(dz_out, tl.trans(w), PREC)
             d_a = -_dot(dz_out, tl.trans(g), PREC)
             dg = dg - _dot(tl.trans(a), dz_out, PREC)
             if m == 0:
                 cz = coef[:, None] * dz_out
                 d_gw = d_gw - _dot(tl.trans(qq), cz, PREC)
-                d_gb = d_gb - tl.sum(cz, 0)
+                d_gb = d_gb - _sum(cz, 0)
                 dq = dq - _dot(cz, tl.trans(gw), PREC)
-                dcoef = dcoef - tl.sum((_dot(qq, gw, PREC) + gb[None, :]) * dz_out, 1)
+                dcoef = dcoef - _sum((_dot(qq, gw, PREC) + gb[None, :]) * dz_out, 1)
             # A = E * (Q K^T + 1)
             d_sqk = d_a * e
             dq = dq + _dot(d_sqk, kk, PREC)
             dk = dk + _dot(tl.trans(d_sqk), qq, PREC)
             d_e = tl.where(tril, d_a * qk1, 0.0)
-            dcoef = dcoef + tl.sum(d_e * lr[None, :], 1) + tl.where(ib == B - 1, d_cl, 0.0)
-            dlr = dlr + tl.sum(d_e * coef[:, None], 0)
+            dcoef = dcoef + _sum(d_e * lr[None, :], 1) + tl.where(ib == B - 1, d_cl, 0.0)
+            dlr = dlr + _sum(d_e * coef[:, None], 0)
             # G = grad of the inner loss at Z = K W + b
             if HAS_LN:
                 dz, ds, dl = _ln_grad_backward(dg, g, gy, xhat, rstd, ss, lnw, F)
@@ -301,7 +308,7 @@ def linear_bwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, ck
                 ds = dg
             dk = dk + _dot(dz, tl.trans(w), PREC)
             d_w = d_w + _dot(tl.trans(kk), dz, PREC)
-            d_b = d_b + tl.sum(dz, 0)
+            d_b = d_b + _sum(dz, 0)
             _store_rows(dk_ptr + base, dk, ib, fo, rmask, F)
             _store_rows(dq_ptr + base, dq, ib, fo, rmask, F)
             _store_rows(ds_ptr + base, ds, ib, fo, rmask, F)
@@ -342,7 +349,7 @@ def _mlp_fwd_step(src, dst, kk, qq, ss, lr, coef, e, a1, lnw, c_last, complete, 
     ho = tl.arange(0, BH)
     b2 = tl.load(src + O_B2 + fo)
     gb2 = tl.load(src + HALF + O_B2 + fo)
-    z2 = tl.zeros([BB, F], dtype=tl.float32) + b2[None, :]
+    z2 = tl.full([BB, F], 0.0, tl.float32) + b2[None, :]
     for t in range(NT):
         w1 = tl.load(_mat(src, 0, t * BH, F, BH, F1))
         b1 = tl.load(src + O_B1 + t * BH + ho)
@@ -350,8 +357,8 @@ def _mlp_fwd_step(src, dst, kk, qq, ss, lr, coef, e, a1, lnw, c_last, complete, 
         z2 += _dot(_gelu(_dot(kk, w1, PREC) + b1[None, :]), w2, PREC)
     _, _, _, g2 = _ln_grad(z2, ss, lnw, F, EPS)
     lg2 = lr[:, None] * g2
-    zb2 = tl.zeros([BB, F], dtype=tl.float32) + b2[None, :]
-    xx = tl.zeros([BB, BB], dtype=tl.float32)
+    zb2 = tl.full([BB, F], 0.0, tl.float32) + b2[None, :]
+    xx = tl.full([BB, BB], 0.0, tl.float32)
     for t in range(NT):
         o_w1 = _off(0, t * BH, F, BH, F1)
         o_b1 = O_B1 + t * BH + ho
@@ -375,7 +382,7 @@ def _mlp_fwd_step(src, dst, kk, qq, ss, lr, coef, e, a1, lnw, c_last, complete, 
         xx += _dot(xb2, tl.trans(x2), PREC)
         lg1 = lr[:, None] * g1
         acc_w1 = gw1 + _dot(tl.trans(kk), lg1, PREC)
-        acc_b1 = gb1 + tl.sum(lg1, 0)
+        acc_b1 = gb1 + _sum(lg1, 0)
         acc_w2 = gw2 + _dot(tl.trans(x2), lg2, PREC)
         tl.debug_barrier()
         d_w1 = dst + o_w1
@@ -390,7 +397,7 @@ def _mlp_fwd_step(src, dst, kk, qq, ss, lr, coef, e, a1, lnw, c_last, complete, 
     zb2 -= _dot(e * (xx + 1.0), g2, PREC)
     if first:
         zb2 -= coef[:, None] * gb2[None, :]
-    acc_b2 = gb2 + tl.sum(lg2, 0)
+    acc_b2 = gb2 + _sum(lg2, 0)
     tl.store(dst + O_B2 + fo, tl.where(complete, b2 - c_last * acc_b2, b2))
     tl.store(dst + HALF + O_B2 + fo, tl.where(complete, 0.0, acc_b2))
     tl.debug_barrier()
@@ -459,8 +466,8 @@ def mlp_bwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, ck_pt
     nc = tl.load(nc_ptr + r)
     dst = dst_ptr + r * SZ
     tmp = tmp_ptr + r * BB * F1
-    dcoef = tl.zeros([BB], dtype=tl.float32)
-    dlnw = tl.zeros([F], dtype=tl.float32)
+    dcoef = tl.full([BB], 0.0, tl.float32)
+    dlnw = tl.full([F], 0.0, tl.float32)
     scr = scr_ptr + r * group * SZ
     for gg in range(NG):
         gi = NG - 1 - gg
@@ -497,7 +504,7 @@ def mlp_bwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, ck_pt
             # pass A: Z2 and the inner-loss gradient G2
             b2 = tl.load(st + O_B2 + fo)
             gb2 = tl.load(st + HALF + O_B2 + fo)
-            z2 = tl.zeros([BB, F], dtype=tl.float32) + b2[None, :]
+            z2 = tl.full([BB, F], 0.0, tl.float32) + b2[None, :]
             for t in range(NT):
                 w1 = tl.load(_mat(st, 0, t * BH, F, BH, F1))
                 b1 = tl.load(st + O_B1 + t * BH + ho)
@@ -508,25 +515,25 @@ def mlp_bwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, ck_pt
             # b2 / gb2 part of the close and of the output
             d_b2n = tl.load(dst + O_B2 + fo)
             d_gb2n = tl.load(dst + HALF + O_B2 + fo)
-            acc_b2 = gb2 + tl.sum(lg2, 0)
-            d_cl = tl.where(complete, -tl.sum(acc_b2 * d_b2n, 0), 0.0)
+            acc_b2 = gb2 + _sum(lg2, 0)
+            d_cl = tl.where(complete, -_sum(acc_b2 * d_b2n, 0), 0.0)
             d_gb2c = tl.where(complete, -c_last * d_b2n, d_gb2n)
-            d_b2 = d_b2n + tl.sum(dz_out, 0)
+            d_b2 = d_b2n + _sum(dz_out, 0)
             cz = coef[:, None] * dz_out
             d_gb2 = d_gb2c
             if first:
-                d_gb2 = d_gb2 - tl.sum(cz, 0)
-                dcoef = dcoef - tl.sum(gb2[None, :] * dz_out, 1)
+                d_gb2 = d_gb2 - _sum(cz, 0)
+                dcoef = dcoef - _sum(gb2[None, :] * dz_out, 1)
             d_a2 = -_dot(dz_out, tl.trans(g2), PREC)
             d_s2 = d_a2 * e
             # pass B
-            xx = tl.zeros([BB, BB], dtype=tl.float32)
-            d_lg2 = tl.zeros([BB, F], dtype=tl.float32) + d_gb2c[None, :]
-            dg2 = tl.zeros([BB, F], dtype=tl.float32)
-            d_a1 = tl.zeros([BB, BB], dtype=tl.float32)
-            dq = tl.zeros([BB, F], dtype=tl.float32)
-            dk = tl.zeros([BB, F], dtype=tl.float32)
-            dlr = tl.zeros([BB], dtype=tl.float32)
+            xx = tl.full([BB, BB], 0.0, tl.float32)
+            d_lg2 = tl.full([BB, F], 0.0, tl.float32) + d_gb2c[None, :]
+            dg2 = tl.full([BB, F], 0.0, tl.float32)
+            d_a1 = tl.full([BB, BB], 0.0, tl.float32)
+            dq = tl.full([BB, F], 0.0, tl.float32)
+            dk = tl.full([BB, F], 0.0, tl.float32)
+            dlr = tl.full([BB], 0.0, tl.float32)
             for t in range(NT):
                 o_w1 = _off(0, t * BH, F, BH, F1)
                 o_b1 = O_B1 + t * BH + ho
@@ -555,10 +562,10 @@ def mlp_bwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, ck_pt
                 xx += _dot(xb2, tl.trans(x2), PREC)
                 lg1 = lr[:, None] * g1
                 acc_w1 = gw1 + _dot(tl.trans(kk), lg1, PREC)
-                acc_b1 = gb1 + tl.sum(lg1, 0)
+                acc_b1 = gb1 + _sum(lg1, 0)
                 acc_w2 = gw2 + _dot(tl.trans(x2), lg2, PREC)
-                cl = tl.sum(tl.sum(acc_w1 * d_w1n, 1), 0) + tl.sum(acc_b1 * d_b1n, 0)
-                cl += tl.sum(tl.sum(acc_w2 * d_w2n, 1), 0)
+                cl = _sum(_sum(acc_w1 * d_w1n, 1), 0) + _sum(acc_b1 * d_b1n, 0)
+                cl += _sum(_sum(acc_w2 * d_w2n, 1), 0)
                 d_cl += tl.where(complete, -cl, 0.0)
                 d_gw1 = tl.where(complete, -c_last * d_w1n, tl.load(q_w1 + HALF))
                 d_gb1 = tl.where(complete, -c_last * d_b1n, tl.load(q_b1 + HALF))
@@ -568,7 +575,7 @@ def mlp_bwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, ck_pt
                 d_lg2 += _dot(x2, d_gw2, PREC)
                 dk += _dot(lg1, tl.trans(d_gw1), PREC)
                 dx2 = _dot(lg2, tl.trans(d_gw2), PREC)
-                dlr += tl.sum(g1 * d_lg1, 1)
+                dlr += _sum(g1 * d_lg1, 1)
                 dg1 = lr[:, None] * d_lg1
                 # second layer output
                 d_w2 = d_w2n + _dot(tl.trans(xb2), dz_out, PREC)
@@ -576,22 +583,22 @@ def mlp_bwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, ck_pt
                 if first:
                     d_gw2 = d_gw2 - _dot(tl.trans(xb2), cz, PREC)
                     dxb2 = dxb2 - _dot(cz, tl.trans(gw2), PREC)
-                    dcoef = dcoef - tl.sum(_dot(xb2, gw2, PREC) * dz_out, 1)
+                    dcoef = dcoef - _sum(_dot(xb2, gw2, PREC) * dz_out, 1)
                 dxb2 += _dot(d_s2, x2, PREC)
                 dx2 += _dot(tl.trans(d_s2), xb2, PREC)
                 # first layer output
                 dzb1 = dxb2 * _gelu_grad(zb1)
                 d_w1 = d_w1n + _dot(tl.trans(qq), dzb1, PREC)
-                d_b1 = d_b1n + tl.sum(dzb1, 0)
+                d_b1 = d_b1n + _sum(dzb1, 0)
                 dq += _dot(dzb1, tl.trans(w1), PREC)
                 d_a1 -= _dot(dzb1, tl.trans(g1), PREC)
                 dg1 -= _dot(tl.trans(a1), dzb1, PREC)
                 if first:
                     cz1 = coef[:, None] * dzb1
                     d_gw1 = d_gw1 - _dot(tl.trans(qq), cz1, PREC)
-                    d_gb1 = d_gb1 - tl.sum(cz1, 0)
+                    d_gb1 = d_gb1 - _sum(cz1, 0)
                     dq -= _dot(cz1, tl.trans(gw1), PREC)
-                    dcoef = dcoef - tl.sum((_dot(qq, gw1, PREC) + gb1[None, :]) * dzb1, 1)
+                    dcoef = dcoef - _sum((_dot(qq, gw1, PREC) + gb1[None, :]) * dzb1, 1)
                 # G1 = (G2 W2^T) * gelu'(Z1)
                 dp = dg1 * dgel
                 dg2 += _dot(dp, w2, PREC)
@@ -607,17 +614,17 @@ def mlp_bwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, ck_pt
                 tl.store(q_w2 + HALF, d_gw2)
             # after the tiles: A2, the rest of dG2, E, A1, and the LayerNorm backward
             xx1 = xx + 1.0
-            dlr += tl.sum(g2 * d_lg2, 1)
+            dlr += _sum(g2 * d_lg2, 1)
             dg2 += lr[:, None] * d_lg2 - _dot(tl.trans(e * xx1), dz_out, PREC)
             d_e = tl.where(tril, d_a2 * xx1 + d_a1 * qk1, 0.0)
             d_s1 = d_a1 * e
             dq += _dot(d_s1, kk, PREC)
             dk += _dot(tl.trans(d_s1), qq, PREC)
-            dcoef = dcoef + tl.sum(d_e * lr[None, :], 1)
-            dlr += tl.sum(d_e * coef[:, None], 0)
+            dcoef = dcoef + _sum(d_e * lr[None, :], 1)
+            dlr += _sum(d_e * coef[:, None], 0)
             dz2, ds, dl = _ln_grad_backward(dg2, g2, gy, xhat, rstd, ss, lnw, F)
             dlnw += dl
-            d_b2 += tl.sum(dz2, 0)
+            d_b2 += _sum(dz2, 0)
             tl.debug_barrier()
             # pass C: the terms through dZ2
             for t in range(NT):
@@ -636,7 +643,7 @@ def mlp_bwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, ck_pt
                 q_w2 = dst + o_w2
                 d_w2 = tl.load(q_w2) + _dot(tl.trans(x2), dz2, PREC)
                 d_w1 = tl.load(q_w1) + _dot(tl.trans(kk), dz1, PREC)
-                d_b1 = tl.load(q_b1) + tl.sum(dz1, 0)
+                d_b1 = tl.load(q_b1) + _sum(dz1, 0)
                 dk += _dot(dz1, tl.trans(w1), PREC)
                 tl.debug_barrier()
                 tl.store(q_w2, d_w2)
@@ -661,8 +668,8 @@ def mlp_bwd_kernel(k_ptr, q_ptr, s_ptr, lr_ptr, coef_ptr, lnw_ptr, nc_ptr, ck_pt
 @triton.jit
 def _ln_vec(z, lnw, F: tl.constexpr, EPS: tl.constexpr):
     """``(xhat, rstd)`` of a vector."""
-    zc = z - tl.sum(z, 0) / F
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, 0) / F + EPS)
+    zc = z - _sum(z, 0) / F
+    rstd = 1.0 / tl.sqrt(_sum(zc * zc, 0) / F + EPS)
     return zc * rstd, rstd
 
 
@@ -670,7 +677,7 @@ def _ln_vec(z, lnw, F: tl.constexpr, EPS: tl.constexpr):
 def _ln_grad_vec(z, s, lnw, F: tl.constexpr, EPS: tl.constexpr):
     xhat, rstd = _ln_vec(z, lnw, F, EPS)
     gy = lnw * (lnw * xhat + s)
-    return rstd * (gy - tl.sum(gy, 0) / F - xhat * (tl.sum(gy * xhat, 0) / F))
+    return rstd * (gy - _sum(gy, 0) / F - xhat * (_sum(gy * xhat, 0) / F))
 
 
 @triton.jit
@@ -722,12 +729,12 @@ def linear_decode_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, coef_ptr, lnw_ptr, lnb_ptr
     bv = tl.load(b_ptr + o_b)
     gw = tl.load(gw_ptr + o_w)
     gb = tl.load(gb_ptr + o_b)
-    z = tl.sum(kv[:, None] * w, 0) + bv
+    z = _sum(kv[:, None] * w, 0) + bv
     g = _ln_grad_vec(z, lnb - (vv - kv), lnw, F, EPS)
     lg = lr * g
     gw_new = gw + kv[:, None] * lg[None, :]
     gb_new = gb + lg
-    zq = tl.sum(qv[:, None] * w, 0) + bv - c * (tl.sum(qv[:, None] * gw_new, 0) + gb_new)
+    zq = _sum(qv[:, None] * w, 0) + bv - c * (_sum(qv[:, None] * gw_new, 0) + gb_new)
     _decode_out(out_ptr, r, fo, qv, zq, lnw, lnb, active, F, EPS)
     _decode_put(nw_ptr + o_w, ngw_ptr + o_w, w, gw, gw_new, active, closes, c_last)
     _decode_put(nb_ptr + o_b, ngb_ptr + o_b, bv, gb, gb_new, active, closes, c_last)
@@ -751,7 +758,7 @@ def mlp_decode_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, coef_ptr, lnw_ptr, lnb_ptr, p
         w1 = tl.load(w1_ptr + r * F * F1 + _off(0, t * BH, F, BH, F1))
         b1 = tl.load(b1_ptr + r * F1 + t * BH + ho)
         w2 = tl.load(w2_ptr + r * F1 * F + _off(t * BH, 0, BH, F, F))
-        z2 += tl.sum(_gelu(tl.sum(kv[:, None] * w1, 0) + b1)[:, None] * w2, 0)
+        z2 += _sum(_gelu(_sum(kv[:, None] * w1, 0) + b1)[:, None] * w2, 0)
     g2 = _ln_grad_vec(z2, lnb - (vv - kv), lnw, F, EPS)
     lg2 = lr * g2
     gb2_new = gb2 + lg2
@@ -766,15 +773,15 @@ def mlp_decode_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, coef_ptr, lnw_ptr, lnb_ptr, p
         gw1 = tl.load(gw1_ptr + o_w1)
         gb1 = tl.load(gb1_ptr + o_b1)
         gw2 = tl.load(gw2_ptr + o_w2)
-        z1 = tl.sum(kv[:, None] * w1, 0) + b1
+        z1 = _sum(kv[:, None] * w1, 0) + b1
         x2 = _gelu(z1)
-        lg1 = lr * tl.sum(w2 * g2[None, :], 1) * _gelu_grad(z1)
+        lg1 = lr * _sum(w2 * g2[None, :], 1) * _gelu_grad(z1)
         gw1_new = gw1 + kv[:, None] * lg1[None, :]
         gb1_new = gb1 + lg1
         gw2_new = gw2 + x2[:, None] * lg2[None, :]
-        zq1 = tl.sum(qv[:, None] * w1, 0) + b1 - c * (tl.sum(qv[:, None] * gw1_new, 0) + gb1_new)
+        zq1 = _sum(qv[:, None] * w1, 0) + b1 - c * (_sum(qv[:, None] * gw1_new, 0) + gb1_new)
         xq2 = _gelu(zq1)
-        z += tl.sum(xq2[:, None] * w2, 0) - c * tl.sum(xq2[:, None] * gw2_new, 0)
+        z += _sum(xq2[:, None] * w2, 0) - c * _sum(xq2[:, None] * gw2_new, 0)
         _decode_put(nw1_ptr + o_w1, ngw1_ptr + o_w1, w1, gw1, gw1_new, active, closes, c_last)
         _decode_put(nb1_ptr + o_b1, ngb1_ptr + o_b1, b1, gb1, gb1_new, active, closes, c_last)
         _decode_put(nw2_ptr + o_w2, ngw2_ptr + o_w2, w2, gw2, gw2_new, active, closes, c_last)

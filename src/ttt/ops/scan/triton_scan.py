@@ -117,6 +117,72 @@ def decode_config(f: int, mlp: bool) -> Config:
                   8 if f >= 64 else 4)
 
 
+# (kernel kind, padded mini-batch BB, head dim F, dot precision) whose shared memory exceeds the A100
+# (164 KiB) or H100 (227 KiB) budget per block in this design: refused, the PyTorch scan runs instead.
+# Found by the ahead-of-time sweep recorded in docs/triton.md (tests/ops/test_scan_triton.py checks
+# that everything else compiles and fits).
+TOO_BIG: set[tuple[str, int, int, str]] = {
+    ("linear_fwd", 64, 128, "tf32"),
+}
+
+
+def supported_config(kind: str, b: int, f: int, prec: str) -> str | None:
+    """``None`` if the ``kind`` kernel (``linear_fwd``, ``mlp_bwd``, ...) is launched at these sizes."""
+    if (kind, max(b, 16), f, prec) in TOO_BIG:
+        return f"{kind} at head dim {f}, mini-batch {b}, {prec} dots exceeds the shared-memory budget"
+    return None
+
+
+def all_configs() -> list[Config]:
+    """Every configuration :class:`TritonBackend` can launch (inputs fp32; bf16/fp16 only change loads)."""
+    out = []
+    for prec in ("ieee", "tf32"):
+        for f in HEAD_DIMS:
+            for b in (8, 16, 32, 64):
+                for has_ln in (True, False):
+                    for save in (True, False):
+                        out.append(scan_config("linear_fwd", b, f, has_ln, save, prec))
+                    out.append(scan_config("linear_bwd", b, f, has_ln, False, prec))
+                for save in (True, False):
+                    out.append(scan_config("mlp_fwd", b, f, True, save, prec))
+                out.append(scan_config("mlp_bwd", b, f, True, False, prec))
+    out += [decode_config(f, mlp) for f in HEAD_DIMS for mlp in (False, True)]
+    return out
+
+
+SHARED_LIMIT = {80: 164 * 1024, 86: 100 * 1024, 89: 100 * 1024, 90: 227 * 1024}
+_INT_ARGS = {"N", "group", "NG", "H", "MB"}
+
+
+def aot_compile(cfg: Config, capability: int, in_dtype: str = "fp32"):
+    """Compile ``cfg`` ahead of time for ``sm_<capability>`` (no GPU needed); returns Triton's kernel.
+
+    ``.metadata.shared`` is the shared memory one program needs, in bytes.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    fn = getattr(kernels(False), cfg.kernel)
+    consts = cfg.consts
+    sig: dict[str, str] = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in _INT_ARGS:
+            sig[name] = "i32"
+        elif name in ("nc_ptr", "pos_ptr"):
+            sig[name] = "*i64"
+        elif name == "act_ptr":
+            sig[name] = "*i32"
+        elif name in ("k_ptr", "q_ptr", "s_ptr", "v_ptr", "lr_ptr"):
+            sig[name] = f"*{in_dtype}"
+        else:
+            sig[name] = "*fp32"
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
 def _launch(cfg: Config, interpret: bool, rows: int, *args) -> None:
     fn = getattr(kernels(interpret), cfg.kernel)
     fn[(rows,)](*args, **cfg.consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -164,11 +230,10 @@ class TritonBackend:
             return f"head dim {f} (kernels cover {', '.join(map(str, HEAD_DIMS))})"
         if not MIN_MB <= b <= MAX_MB or b & (b - 1):
             return f"mini-batch size {b} (kernels cover powers of 2 in {MIN_MB}-{MAX_MB})"
-        if ln_w is None:
-            return "no inner LayerNorm (ln_residual=False)"
         if len(state) == 8 and state[0].shape[-1] != 4 * f:
             return f"TTT-MLP hidden size {state[0].shape[-1]} (kernels cover 4 * head dim)"
-        return None
+        kind, prec = ("mlp" if len(state) == 8 else "linear"), dot_precision()
+        return supported_config(f"{kind}_fwd", b, f, prec) or supported_config(f"{kind}_bwd", b, f, prec)
 
     def forward(self, k: Tensor, q: Tensor, s: Tensor, lr: Tensor, coef: Tensor, ln_w: Tensor | None,
                 n_complete: Tensor, state: tuple[Tensor, ...], group: int, save: bool
