@@ -24,7 +24,7 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
-BENCHMARKS = {"layer": "layer_speed", "decode": "decode_speed", "train": "train_speed"}
+BENCHMARKS = {"layer": "layer_speed", "decode": "decode_speed", "train": "train_speed", "gpu": "gpu"}
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -357,7 +357,7 @@ def mqar_cmd(
 def bench_cmd(
     ctx: typer.Context,
     which: str = typer.Argument(
-        ..., help="layer | decode | train | all (extra arguments go to the benchmark)."
+        ..., help="layer | decode | train | gpu | all (extra arguments go to the benchmark)."
     ),
 ) -> None:
     """Speed benchmarks: ttt.benchmarks.{layer,decode,train}_speed; arguments after WHICH go to the benchmark.
