@@ -251,6 +251,28 @@ def test_unsupported_inputs_fall_back_with_a_warning(calls, monkeypatch) -> None
     assert scan.resolve_backend(k, None, st, "auto").name != "triton"
 
 
+def test_kernel_that_does_not_fit_the_gpu_falls_back(calls, monkeypatch) -> None:
+    """A launch refused for lack of shared memory (e.g. a 100 KiB GPU) runs the PyTorch scan instead."""
+    from triton.runtime.errors import OutOfResources
+
+    class Refuses:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                raise OutOfResources(300000, 101376, "shared memory")
+            return launch
+
+    mod = triton_scan.kernels(True)
+    monkeypatch.setattr(mod, "linear_fwd_kernel", Refuses())
+    monkeypatch.setattr(scan, "_WARNED", set())
+    args, weights = make(2, 1, 16, 16, 8, False)
+    with pytest.warns(RuntimeWarning, match="does not fit this GPU"):
+        got = _grads(ttt_dual, f32(args), f32(weights), None, 0, backend="triton")
+    ref = _grads(ttt_dual, f32(args), f32(weights), None, 0, backend="torch")
+    assert calls["forward"] == 1 and calls["backward"] == 1
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
 def test_precision_setting(monkeypatch) -> None:
     monkeypatch.setenv(triton_scan.PRECISION_ENV, "tf32")
     assert triton_scan.dot_precision() == "tf32"

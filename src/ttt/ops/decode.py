@@ -57,8 +57,9 @@ def ttt_step(
     if xq.dim() != 4 or xq.shape[2] != 1:
         raise ValueError(f"ttt_step expects [batch, heads, 1, head_dim] inputs, got {tuple(xq.shape)}")
     fused = _fused_decoder(xq, (xq, xk, xv, lr, coef, ln_w, ln_b, *state.weights(), *state.grads()), state)
-    if fused is not None:
-        return fused.decode(xq, xk, xv, lr, coef, ln_w, ln_b, state, lengths)
+    res = None if fused is None else fused.decode(xq, xk, xv, lr, coef, ln_w, ln_b, state, lengths)
+    if res is not None:
+        return res
     in_dtype, cd = xq.dtype, state.W1.dtype
     bsz, heads, _, f = xq.shape
     mb = coef.shape[0]

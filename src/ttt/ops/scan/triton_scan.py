@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..state import InnerState
+from . import torch_scan
 
 EPS = 1e-6
 PRECISION_ENV = "TTT_TRITON_PRECISION"
@@ -183,9 +184,21 @@ def aot_compile(cfg: Config, capability: int, in_dtype: str = "fp32"):
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
-def _launch(cfg: Config, interpret: bool, rows: int, *args) -> None:
+def _launch(cfg: Config, interpret: bool, rows: int, *args) -> bool:
+    """Run ``cfg`` over ``rows`` programs; False (after a one-time warning) if this GPU lacks the
+    shared memory or registers for it (e.g. 100 KiB parts), so the caller can use the PyTorch path."""
     fn = getattr(kernels(interpret), cfg.kernel)
-    fn[(rows,)](*args, **cfg.consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    try:
+        fn[(rows,)](*args, **cfg.consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    except Exception as exc:
+        if type(exc).__name__ != "OutOfResources":
+            raise
+        from . import _warn_once
+
+        _warn_once(f"TTT Triton kernel {cfg.kernel} {cfg.consts} does not fit this GPU ({exc}); "
+                   "using the PyTorch path")
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,10 +263,10 @@ class TritonBackend:
         lnw = _c(ln_w) if ln_w is not None else coef
         nc = n_complete.to(torch.int64).contiguous()
         args = (_c(k), _c(q), _c(s), _c(lr), _c(coef), lnw, nc, st, zbar, out, ck, n, group, ng)
-        if n > 0:
-            _launch(cfg, interp, rows, *args)
-        else:
+        if n == 0:
             out = st
+        elif not _launch(cfg, interp, rows, *args):
+            return torch_scan.scan_forward(k, q, s, lr, coef, ln_w, n_complete, state, group, save)
         saved = (ck,) if save else ()
         return zbar.to(k.dtype) if k.dtype != torch.float32 else zbar, _unpack(out, state), saved
 
@@ -262,6 +275,9 @@ class TritonBackend:
                  d_final: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
         rows, n, b, f = k.shape
         kind = "mlp" if len(d_final) == 8 else "linear"
+        if len(saved) != 1:  # the forward fell back to the PyTorch scan
+            return torch_scan.scan_backward(k, q, s, lr, coef, ln_w, n_complete, saved, group, d_zbar,
+                                            d_final)
         interp = k.device.type == "cpu"
         cfg = scan_config(f"{kind}_bwd", b, f, ln_w is not None, False, dot_precision())
         (ck,) = saved
@@ -278,7 +294,9 @@ class TritonBackend:
         if kind == "mlp":
             args.append(dst.new_empty(rows, bb, 4 * f))
         args += [dk, dq, ds, dlr, dcoef, dlnw, n, group, ng]
-        _launch(cfg, interp, rows, *args)
+        if not _launch(cfg, interp, rows, *args):
+            return torch_scan.scan_backward(k, q, s, lr, coef, ln_w, n_complete, _unpack(ck, d_final), group,
+                                            d_zbar, d_final)
         d_coef = dcoef[:, :b].sum(0).to(coef.dtype)
         d_lnw = dlnw.to(ln_w.dtype) if ln_w is not None else None
         return (dk, dq, ds, dlr, d_coef, d_lnw, *_unpack(dst, d_final))
@@ -305,8 +323,12 @@ class TritonBackend:
         return None
 
     def decode(self, xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, coef: Tensor, ln_w: Tensor,
-               ln_b: Tensor, state: InnerState, lengths: Tensor | None = None) -> tuple[Tensor, InnerState]:
-        """:func:`ttt.ops.decode.ttt_step` in one kernel launch (same contract, no autograd)."""
+               ln_b: Tensor, state: InnerState, lengths: Tensor | None = None
+               ) -> tuple[Tensor, InnerState] | None:
+        """:func:`ttt.ops.decode.ttt_step` in one kernel launch (same contract, no autograd).
+
+        ``None`` if the kernel does not fit this GPU (after a one-time warning).
+        """
         bsz, heads, _, f = xq.shape
         mb = coef.shape[0]
         tensors = tuple(_c(t) for t in state.weights() + state.grads())
@@ -318,8 +340,9 @@ class TritonBackend:
         else:
             active = (lengths.to(xq.device) > 0).to(torch.int32)
         cfg = decode_config(f, state.is_mlp)
-        _launch(cfg, xq.device.type == "cpu", bsz * heads, _c(xq), _c(xk), _c(xv), _c(lr), _c(coef),
-                _c(ln_w), _c(ln_b), pos, active, *tensors, out, *new, heads, mb)
+        if not _launch(cfg, xq.device.type == "cpu", bsz * heads, _c(xq), _c(xk), _c(xv), _c(lr), _c(coef),
+                       _c(ln_w), _c(ln_b), pos, active, *tensors, out, *new, heads, mb):
+            return None
         new_pos = torch.where(active.bool(), (pos + 1) % mb, pos).to(state.pos.dtype)
         n = len(new) // 2
         w, g = new[:n], new[n:]
