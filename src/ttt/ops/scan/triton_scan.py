@@ -86,9 +86,13 @@ class Config:
         return dict(self.constexprs)
 
 
-def mlp_tile(f: int, bb: int) -> int:
-    """Hidden-dimension tile width of the TTT-MLP kernels (at least 2 tiles; narrower for big tiles)."""
-    bh = 32 if f * bb >= 64 * 32 or f >= 128 else 64
+def mlp_tile(f: int, bb: int, backward: bool) -> int:
+    """Hidden-dimension tile width of the TTT-MLP kernels (at least 2 tiles; narrower where shared
+    memory would not fit: the backward keeps ~10 tiles live, see docs/triton.md)."""
+    if backward:
+        bh = 16 if f * bb >= 64 * 64 else 32
+    else:
+        bh = 32 if f * bb >= 64 * 32 or f >= 128 else 64
     return min(bh, 2 * f)
 
 
@@ -102,7 +106,7 @@ def scan_config(kind: str, b: int, f: int, has_ln: bool, save: bool, prec: str) 
     mlp = kind.startswith("mlp")
     c: dict[str, object] = {"B": b, "BB": bb, "F": f, "PREC": prec, "EPS": EPS}
     if mlp:
-        c["F1"], c["BH"] = 4 * f, mlp_tile(f, bb)
+        c["F1"], c["BH"] = 4 * f, mlp_tile(f, bb, kind.endswith("bwd"))
     else:
         c["HAS_LN"] = has_ln
     if kind.endswith("fwd"):
