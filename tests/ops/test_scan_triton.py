@@ -297,27 +297,27 @@ def _compile_fits(cfg: triton_scan.Config, cc: int) -> int:
     return shared
 
 
-# the configuration of the 125m model (head dim 64, mini-batch 16), each kernel on both targets
-_DEFAULT = [(kind, prec, cc) for kind in ("linear_fwd", "linear_bwd", "mlp_fwd", "mlp_bwd")
-            for prec, cc in (("tf32", 90), ("ieee", 80))]
+# the configuration of the 125m model (head dim 64, mini-batch 16) with TF32 dots (what A100/H100
+# users get under torch's "high" matmul precision), each kernel on one of the two targets (a few
+# seconds to a minute per compile on 2 CPU cores; the slow test covers every pair)
+_DEFAULT = [("linear_fwd", 90), ("linear_bwd", 80), ("mlp_fwd", 80), ("mlp_bwd", 90)]
 
 
-@pytest.mark.parametrize("kind,prec,cc", _DEFAULT)
-def test_aot_compile_head64_minibatch16(kind, prec, cc) -> None:
-    assert triton_scan.supported_config(kind, 16, 64, prec) is None
-    _compile_fits(triton_scan.scan_config(kind, 16, 64, True, True, prec), cc)
+@pytest.mark.parametrize("kind,cc", _DEFAULT)
+def test_aot_compile_head64_minibatch16(kind, cc) -> None:
+    assert triton_scan.supported_config(kind, 16, 64, "tf32") is None
+    _compile_fits(triton_scan.scan_config(kind, 16, 64, True, True, "tf32"), cc)
 
 
-@pytest.mark.parametrize("mlp", [False, True])
-def test_aot_compile_decode(mlp) -> None:
-    for cc in (80, 90):
-        _compile_fits(triton_scan.decode_config(64, mlp), cc)
+@pytest.mark.parametrize("mlp,cc", [(False, 80), (True, 90)])
+def test_aot_compile_decode(mlp, cc) -> None:
+    _compile_fits(triton_scan.decode_config(64, mlp), cc)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cc", [80, 90])
 def test_aot_compile_every_dispatchable_config(cc) -> None:
-    """Every configuration the backend may launch compiles and fits; excluded ones are refused."""
+    """Every configuration the backend may launch compiles and fits (hours on 2 CPU cores)."""
     picked = [c for c in triton_scan.all_configs()
               if c.kernel.endswith("decode_kernel")
               or triton_scan.supported_config(c.kernel[:-7], c.consts["B"], c.consts["F"],
