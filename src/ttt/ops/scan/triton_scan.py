@@ -98,6 +98,7 @@ def mlp_tile(f: int, bb: int, backward: bool) -> int:
 
 
 def num_warps(f: int, bb: int, mlp: bool) -> int:
+    """Warps per program: 8 for the bigger tiles, else 4."""
     return 8 if f >= 64 or (mlp and bb >= 32) else 4
 
 
@@ -116,6 +117,7 @@ def scan_config(kind: str, b: int, f: int, has_ln: bool, save: bool, prec: str) 
 
 
 def decode_config(f: int, mlp: bool) -> Config:
+    """The configuration of the fused decode step (TTT-MLP streams hidden tiles of 64)."""
     c: dict[str, object] = {"F": f, "EPS": EPS}
     if mlp:
         c["F1"], c["BH"] = 4 * f, min(64, 4 * f)
