@@ -273,6 +273,13 @@ def test_kernel_that_does_not_fit_the_gpu_falls_back(calls, monkeypatch) -> None
         torch.testing.assert_close(a, b)
 
 
+def test_gpu_sizes_over_the_shared_memory_budget_are_refused() -> None:
+    assert triton_scan.supported_config("linear_fwd", 16, 64) is None
+    assert triton_scan.supported_config("mlp_bwd", 8, 64) is None  # mini-batch 8 runs as BB = 16
+    assert "not verified" in triton_scan.supported_config("linear_bwd", 16, 128)
+    assert "not verified" in triton_scan.supported_config("mlp_bwd", 64, 64)
+
+
 def test_precision_setting(monkeypatch) -> None:
     monkeypatch.setenv(triton_scan.PRECISION_ENV, "tf32")
     assert triton_scan.dot_precision() == "tf32"

@@ -91,7 +91,7 @@ def mlp_tile(f: int, bb: int, backward: bool) -> int:
     """Hidden-dimension tile width of the TTT-MLP kernels (at least 2 tiles; narrower where shared
     memory would not fit: the backward keeps ~10 tiles live, see docs/triton.md)."""
     if backward:
-        bh = 16 if f * bb >= 64 * 64 else 32
+        bh = 16 if f * bb >= 64 * 64 or f >= 128 else 32
     else:
         bh = 32 if f * bb >= 64 * 32 or f >= 128 else 64
     return min(bh, 2 * f)
@@ -130,10 +130,21 @@ def decode_config(f: int, mlp: bool) -> Config:
 # (docs/triton.md lists every measured size). Anything else is refused by `unsupported` and runs
 # the PyTorch scan: over budget, or not yet compiled on the 2-core machine the kernels were built on.
 MAX_BB: dict[tuple[str, int], int] = {
-    ("linear_bwd", 64): 16,
-    ("linear_fwd", 64): 32,
+    ("linear_bwd", 16): 64,
+    ("linear_bwd", 32): 64,
+    ("linear_bwd", 64): 64,
+    ("linear_fwd", 16): 64,
+    ("linear_fwd", 32): 64,
+    ("linear_fwd", 64): 64,
+    ("linear_fwd", 128): 32,
+    ("mlp_bwd", 16): 64,
+    ("mlp_bwd", 32): 64,
     ("mlp_bwd", 64): 32,
+    ("mlp_bwd", 128): 16,
+    ("mlp_fwd", 16): 64,
+    ("mlp_fwd", 32): 64,
     ("mlp_fwd", 64): 32,
+    ("mlp_fwd", 128): 32,
 }
 
 
