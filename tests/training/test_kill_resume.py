@@ -108,7 +108,7 @@ def test_kill_at_every_write_phase_and_at_random_times(tmp_path: Path, data_cach
     straight = _straight(tmp_path, data_cache, "transformer", 8)
     overrides = tiny_overrides(tmp_path / "killed", data_cache, *_common("transformer", 8))
     crashes = [("tmp", 2), ("rename", 2), ("prune", 1), ("metrics", 1)]
-    stats = kill_loop(tmp_path / "killed", overrides, kills=4, seed=0, max_delay=0.5, crashes=crashes)
+    stats = kill_loop(tmp_path / "killed", overrides, kills=3, seed=0, max_delay=0.5, crashes=crashes)
     print(f"kill loop (default): {stats}")
     assert stats["crashes"] == len(crashes)
     _same_run(straight, tmp_path / "killed")

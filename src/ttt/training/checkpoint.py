@@ -679,11 +679,14 @@ def verify_files(path: Path, meta: dict[str, Any], names: tuple[str, ...] = DATA
         file, want = path / name, meta["files"][name]
         if not file.is_file():
             raise _fail(path, f"missing {name}")
-        size = file.stat().st_size
-        if size != want["bytes"]:
-            raise _fail(path, f"{name} is corrupt: {size} bytes, meta.json records {want['bytes']}")
-        if _sha256(file) != want["sha256"]:
-            raise _fail(path, f"{name} is corrupt: its sha256 differs from the one meta.json records")
+        try:
+            size = file.stat().st_size
+            if size != want["bytes"]:
+                raise _fail(path, f"{name} is corrupt: {size} bytes, meta.json records {want['bytes']}")
+            if _sha256(file) != want["sha256"]:
+                raise _fail(path, f"{name} is corrupt: its sha256 differs from the one meta.json records")
+        except OSError as e:
+            raise _fail(path, f"{name} is unreadable ({e.strerror or e})") from None
 
 
 def open_checkpoint(path: str | Path, verify: bool = True) -> CheckpointInfo:
