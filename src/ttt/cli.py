@@ -124,6 +124,7 @@ def _writable_dir(path: Path, option: str) -> None:
     except OSError as e:
         raise _fail(f"cannot write to {option} {str(path)!r}: {e.strerror or e}") from None
 
+
 # ----------------------------------------------------------------------------------------------------
 # ttt train
 # ----------------------------------------------------------------------------------------------------

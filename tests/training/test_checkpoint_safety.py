@@ -202,6 +202,27 @@ def test_save_never_keeps_an_existing_step(tmp_path: Path) -> None:
                        torch.ones(2))
 
 
+def test_supersede_sets_aside_what_does_not_lead_to_the_resumed_checkpoint(tmp_path: Path) -> None:
+    optim = {"state": {}, "param_groups": [{"lr": 0.1, "params": ["w"]}]}
+    meta = {"arch": "x", "size": "tiny", "model_config": {}, "config": {}, "global_batch": 1, "seq_len": 2,
+            "total_steps": 9, "tokens": 0}
+    run, other = tmp_path / "run", tmp_path / "other"
+    for where, steps in ((run, (1, 2, 3)), (other, (5,))):
+        for step in steps:
+            C.save_checkpoint(where, step, {"w": torch.full((2,), float(step))}, optim,
+                              {"step": step, "tokens": 0, "sampler": {}, "rng": C.rng_state()}, meta, keep=9)
+    root = run / "checkpoints"
+    moved = C.supersede_after(run, root / "step_00000001")  # an older checkpoint of the run itself
+    assert sorted(p.name.split("-")[0] for p in moved) == ["step_00000002", "step_00000003"]
+    assert [p.name for p in C.list_checkpoints(run)] == ["step_00000001"]
+    assert (root / "latest").read_text().strip() == "step_00000001"
+    assert all(C.open_checkpoint(p).step in (2, 3) for p in moved)  # intact, still verifiable
+    moved = C.supersede_after(run, other / "checkpoints" / "step_00000005")  # another run's checkpoint
+    assert [p.name.split("-")[0] for p in moved] == ["step_00000001"]
+    assert C.list_checkpoints(run) == [] and not (root / "latest").exists()
+    assert len(list((root / "superseded").iterdir())) == 3
+
+
 def test_leftovers_of_killed_writes_are_removed_at_start(trained: Path, tmp_path: Path,
                                                          data_cache: Path) -> None:
     run = _copy(trained, tmp_path / "run")

@@ -166,28 +166,28 @@ def supersede_after(run_dir: Path, resumed: Path) -> list[Path]:
     """Move the checkpoints of ``run_dir`` that do not lead to ``resumed`` to ``checkpoints/superseded/``
     (never deleted), so that the continuation from ``resumed`` never mixes with them: the newer ones when
     ``resumed`` is one of the run's own checkpoints, all of them when it comes from elsewhere. ``latest``
-    then names ``resumed`` (or is removed). Returns the new paths; call with the run's lock held."""
+    names ``resumed`` (or is removed) first, so an interruption leaves the run as it was or as asked.
+    Returns the new paths; call with the run's lock held."""
     root = checkpoint_dir(run_dir)
     own = resumed.parent.resolve() == root.resolve()
-    moved = []
+    doomed = [p for p in list_checkpoints(run_dir) if not own or _step(p) > _step(resumed)]
+    if not doomed:
+        return []
+    if own:
+        atomic_write_text(root / "latest", resumed.name + "\n")
+    else:
+        (root / "latest").unlink(missing_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    for path in list_checkpoints(run_dir):
-        if own and _step(path) <= _step(resumed):
-            continue
-        target = root / SUPERSEDED / f"{path.name}-{stamp}"
-        target.parent.mkdir(exist_ok=True)
-        n = 1
+    (root / SUPERSEDED).mkdir(exist_ok=True)
+    moved = []
+    for path in doomed:
+        target, n = root / SUPERSEDED / f"{path.name}-{stamp}", 1
         while target.exists():
             n += 1
             target = target.with_name(f"{path.name}-{stamp}-{n}")
         os.rename(path, target)
         moved.append(target)
-    if moved:
-        fsync_dir(root)
-        if own:
-            atomic_write_text(root / "latest", resumed.name + "\n")
-        else:
-            (root / "latest").unlink(missing_ok=True)
+    fsync_dir(root)
     return moved
 
 
