@@ -396,10 +396,11 @@ class Trainer:
                 self._lock.release(remove_created=not started)
             if isinstance(e, RuntimeError) and not isinstance(e, (CheckpointError, TrainingError)) \
                     and self.dist is not None and self.dist.distributed and D.is_timeout(e):
+                cause = " ".join(str(e).split())[:160]
                 raise TrainingError(
                     f"rank {self.dist.rank}: a collective operation did not complete within "
                     f"dist.timeout_s={self.cfg.dist.timeout_s:g} s (another rank stopped or died); last "
-                    f"checkpoint: {self._last_checkpoint()}") from None
+                    f"checkpoint: {self._last_checkpoint()} ({cause})") from None
             raise
         D.teardown(self.dist)
         if self._lock is not None:
