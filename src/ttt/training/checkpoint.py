@@ -238,6 +238,7 @@ class RunLock:
             import fcntl
         except ImportError:  # not POSIX: no lock
             return self
+        fd = -1
         try:
             self.created_dir = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -248,6 +249,7 @@ class RunLock:
                 except BlockingIOError:
                     holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown process"
                     os.close(fd)
+                    fd = -1
                     raise CheckpointError(
                         f"run directory {self.run_dir} is in use by another trainer ({holder}); wait for it "
                         "to finish, or choose another train.run_dir / run_name") from None
@@ -258,10 +260,13 @@ class RunLock:
                 if same:
                     break
                 os.close(fd)
+                fd = -1
             os.ftruncate(fd, 0)
             stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
             os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode())
         except OSError as e:
+            if fd >= 0:
+                os.close(fd)
             raise CheckpointError(f"cannot lock run directory {self.run_dir}: {e.strerror or e}") from None
         self._fd = fd
         return self
