@@ -49,13 +49,16 @@ def _fail(message: str) -> typer.Exit:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean bad input (not a bug): reported in one line, exit status 2."""
     from ttt.data import DataError
+    from ttt.evaluation.generation import GenerationError
     from ttt.evaluation.loading import ModelLoadError
     from ttt.evaluation.metrics import EvaluationError
     from ttt.study import StudyError
+    from ttt.training import TrainingError
     from ttt.training.checkpoint import CheckpointError
     from ttt.util.config import ConfigError
 
-    return (ConfigError, CheckpointError, DataError, ModelLoadError, EvaluationError, StudyError)
+    return (ConfigError, CheckpointError, DataError, ModelLoadError, EvaluationError, StudyError,
+            TrainingError, GenerationError)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -103,6 +106,25 @@ def _finite(x: float | None) -> str:
 
 
 DEVICE_HELP = "auto (CUDA if available, else CPU), cpu, cuda or cuda:N."
+
+
+def _at_least(**values: tuple[int | None, int]) -> None:
+    """``name=(value, minimum)``: a one-line error for the first option below its minimum (None: unset)."""
+    for name, (value, low) in values.items():
+        if value is not None and value < low:
+            raise _fail(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def _writable_dir(path: Path, option: str) -> None:
+    """Create ``path`` (an output directory) now, so an unusable one fails before any work."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".ttt-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise _fail(f"cannot write to {option} {str(path)!r}: {e.strerror or e}") from None
+
 
 # ----------------------------------------------------------------------------------------------------
 # ttt train
@@ -194,6 +216,8 @@ def eval_cmd(
 
     if (path is None) == (arch is None):
         raise _fail("give exactly one of PATH (a saved model or run) or --arch")
+    _at_least(seq_len=(seq_len, 2), batch_size=(batch_size, 1), max_windows=(max_windows, 0),
+              buckets=(buckets, 1))
     dev = pick_device(device)
     run_cfg: dict[str, Any] = {}
     tok = None
@@ -201,6 +225,8 @@ def eval_cmd(
         loaded = load_model(path, device=dev)
         model, tok, run_cfg, name = loaded.model, loaded.tokenizer, loaded.run_config, str(path)
         out = out or (loaded.run_dir or loaded.model_dir) / "eval"
+    if out is not None:
+        _writable_dir(out, "--out")
     bundle = run_data(run_cfg, source=data, tokenizer=tokenizer)
     tok = tok if tok is not None and tokenizer is None else bundle.tokenizer
     if arch is not None:
@@ -210,6 +236,7 @@ def eval_cmd(
         except ValueError as e:
             raise _fail(str(e)) from None
         name, out = f"{arch} ({size}, untrained)", out or Path("runs") / f"eval-{arch}-{size}"
+        _writable_dir(out, "--out")
     seq_len = seq_len or int((run_cfg.get("data") or {}).get("seq_len") or 512)
     res = evaluate(model, bundle.val, seq_len, batch_size=batch_size, max_windows=max_windows or None,
                    num_buckets=buckets, tokenizer=tok)
@@ -243,10 +270,11 @@ def generate_cmd(
 ) -> None:
     """Generate text from a saved model, streaming it to the terminal."""
     from ttt.data import build_tokenizer
-    from ttt.evaluation.generation import generate_text
+    from ttt.evaluation.generation import check_sampling, generate_text
     from ttt.evaluation.loading import load_model, run_data
     from ttt.util.device import pick_device
 
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     loaded = load_model(path, device=pick_device(device))
     tok = loaded.tokenizer if tokenizer is None else build_tokenizer(tokenizer)
     if tok is None:  # none saved with the model: the run's (a BPE tokenizer is rebuilt from its corpus)

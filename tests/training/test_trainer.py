@@ -107,12 +107,14 @@ def test_refuses_to_overwrite_and_bad_checkpoints(tmp_path: Path, data_cache: Pa
     assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before
     # corrupt weights: clear error, file left as it is
     weights = ckpt / "model.safetensors"
+    good = weights.read_bytes()
     weights.write_bytes(b"garbage" * 10)
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt"):
         Trainer(tiny_config(run, data_cache, "model.arch=transformer", "train.steps=4"), resume=True).fit()
     assert weights.read_bytes() == b"garbage" * 10
-    (ckpt / "optimizer.pt").unlink()
-    with pytest.raises(CheckpointError, match="missing"):
+    weights.write_bytes(good)
+    (ckpt / "optimizer.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing optimizer.safetensors"):
         Trainer(tiny_config(run, data_cache, "model.arch=transformer", "train.steps=4"), resume=True).fit()
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         Trainer(tiny_config(tmp_path / "empty", data_cache, "train.steps=4"), resume=True).fit()

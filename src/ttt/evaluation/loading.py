@@ -5,14 +5,15 @@ Accepted paths:
 * a saved HF model directory (``config.json`` + weights; ``save_pretrained`` output), with or without
   tokenizer files: any causal LM class known to ``AutoModelForCausalLM`` (``import ttt.models``
   registers ``model_type="ttt"``);
-* a training run directory (``run_dir`` with ``checkpoints/``) or one checkpoint directory inside it: the
-  run's latest checkpoint is used.
+* a training run directory (``run_dir`` with ``checkpoints/``) or one checkpoint directory inside it: a
+  run's checkpoint is picked by the trainer's ``latest`` rule (:func:`ttt.training.checkpoint.latest_state`),
+  and every trainer checkpoint is opened through :func:`ttt.training.checkpoint.open_checkpoint` (fields
+  validated, sha256 of every file verified, weights checked to be finite).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 import yaml
 
 from ttt.data import DataBundle, DataConfig, prepare_data
-from ttt.training.checkpoint import CheckpointError, latest_checkpoint
+from ttt.training.checkpoint import CheckpointError, latest_checkpoint, open_checkpoint, read_model_state
 from ttt.training.config import RUN_CONFIG
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -59,12 +60,13 @@ def find_model_dir(path: str | Path) -> tuple[Path, Path | None]:
     for a run directory it is its latest checkpoint (:func:`ttt.training.checkpoint.latest_checkpoint`).
 
     Raises:
-        ModelLoadError: nothing loadable under ``path``.
+        ModelLoadError: nothing loadable under ``path``, or ``checkpoints/latest`` names a checkpoint that
+            does not exist.
     """
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelLoadError(f"no checkpoint or model directory at {str(p)!r}")
-    if _is_model_dir(p) or _is_train_checkpoint(p):
+    if _is_model_dir(p) or _is_train_checkpoint(p) or (p.parent.name == "checkpoints" and p.is_dir()):
         return p, (p.parent.parent if p.parent.name == "checkpoints" else None)
     run_dir = p.parent if p.name == "checkpoints" else p
     try:
@@ -83,7 +85,7 @@ def read_run_config(run_dir: Path | None, model_dir: Path | None = None) -> dict
     """The training configuration of a run as a dict (``TrainConfig.to_dict()``; empty if none found):
     the one a checkpoint's ``meta.json`` records, else the run's ``config.yaml``."""
     if model_dir is not None and (model_dir / "meta.json").is_file():
-        meta = json.loads((model_dir / "meta.json").read_text())
+        meta = open_checkpoint(model_dir, verify=False).meta
         if isinstance(meta.get("config"), dict):
             return meta["config"]
     if run_dir is not None and (run_dir / RUN_CONFIG).is_file():
@@ -126,10 +128,15 @@ def load_tokenizer(model_dir: Path, run_dir: Path | None = None) -> Any | None:
 
 
 def model_from_checkpoint(ckpt_dir: Path) -> torch.nn.Module:
-    """Rebuild the model of a trainer checkpoint from its ``meta.json`` and load its weights."""
-    from safetensors.torch import load_file
+    """Rebuild the model of a trainer checkpoint from its ``meta.json`` and load its weights (the
+    checkpoint verified by :func:`ttt.training.checkpoint.open_checkpoint`).
 
-    meta = json.loads((ckpt_dir / "meta.json").read_text())
+    Raises:
+        CheckpointError: the checkpoint is malformed or corrupt.
+        ModelLoadError: its weights do not fit the model its meta.json describes.
+    """
+    info = open_checkpoint(ckpt_dir)
+    meta = info.meta
     arch, cfg_dict = meta.get("arch"), dict(meta.get("model_config") or {})
     if not cfg_dict:
         raise ModelLoadError(f"checkpoint {str(ckpt_dir)!r} has no model_config in meta.json")
@@ -138,12 +145,20 @@ def model_from_checkpoint(ckpt_dir: Path) -> torch.nn.Module:
     model_type = cfg_dict.pop("model_type", None)
     if model_type is None:
         raise ModelLoadError(f"checkpoint {str(ckpt_dir)!r}: model_config has no model_type (arch {arch!r})")
-    config = AutoConfig.for_model(model_type, **cfg_dict)
+    try:
+        config = AutoConfig.for_model(model_type, **cfg_dict)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ModelLoadError(f"checkpoint {str(ckpt_dir)!r}: meta.json model_config is invalid ({e})"
+                             ) from None
     if model_type == "llama":
         config._attn_implementation = "sdpa"
     model = AutoModelForCausalLM.from_config(config)
-    state = load_file(str(ckpt_dir / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = read_model_state(info)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ModelLoadError(f"checkpoint {str(ckpt_dir)!r} does not fit its model ({arch}): "
+                             f"{' '.join(str(e).split())[:200]}") from None
     tied = {k for k in missing if k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
         raise ModelLoadError(

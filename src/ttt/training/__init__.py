@@ -12,13 +12,14 @@ for DDP / FSDP2).
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig, list_configs, load_config, resume_config
-from .trainer import Trainer
+from .trainer import Trainer, TrainingError
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
     "TrainConfig",
     "Trainer",
+    "TrainingError",
     "list_configs",
     "load_config",
     "resume_config",

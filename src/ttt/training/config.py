@@ -184,10 +184,13 @@ class DistSection:
     """Attributes:
     strategy: ``ddp`` (DistributedDataParallel) or ``fsdp`` (FSDP2 ``fully_shard`` per block).
     backend: ``auto`` (nccl on CUDA, gloo on CPU), ``gloo`` or ``nccl``.
+    timeout_s: seconds a collective may wait for the other ranks; a rank that stops or dies ends the job
+        with an error after this long instead of a hang.
     """
 
     strategy: str = "ddp"
     backend: str = "auto"
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -364,6 +367,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    if not cfg.dist.timeout_s > 0:
+        raise ConfigError(f"dist.timeout_s must be > 0, got {cfg.dist.timeout_s}")
     if not 0 <= o.warmup_fraction <= 1:
         raise ConfigError(f"optim.warmup_fraction must be in [0, 1], got {o.warmup_fraction}")
     try:

@@ -41,6 +41,7 @@ from ttt.util.files import atomic_write_json, atomic_write_text
 from . import checkpoint as ckpt
 from . import distributed as D
 from .batches import Batch, GlobalBatches, validation_batches
+from .checkpoint import CheckpointError
 from .config import RUN_CONFIG, ConfigError, TrainConfig, config_from_dict, print_config, resume_changes
 from .metrics import MetricsLogger, Progress
 from .schedule import inner_lr_warmup, resolve_warmup, warmup_cosine
@@ -95,6 +96,10 @@ def build_for_training(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     return model
 
 
+class TrainingError(RuntimeError):
+    """The run cannot go on: a non-finite loss, or a collective that timed out (a rank stopped or died)."""
+
+
 def _stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -120,9 +125,26 @@ class Trainer:
         self.dist: D.DistInfo | None = None
 
     # ------------------------------------------------------------------ setup
+    def _lock_run_dir(self) -> None:
+        """Rank 0 locks the run directory and removes what killed writers left (all ranks learn if it
+        failed)."""
+        error: CheckpointError | None = None
+        if self.dist.is_main:
+            self._lock = ckpt.RunLock(self.run_dir)
+            try:
+                self._lock.acquire()
+            except CheckpointError as e:
+                error = e
+        if D.all_reduce_max(float(error is not None), self.dist, self.device) > 0:
+            raise error or CheckpointError(f"run directory {self.run_dir}: rank 0 could not lock it")
+        if self.dist.is_main:
+            for name in ckpt.clean_leftovers(self.run_dir):
+                self._log(f"removed {name} (left by an interrupted write)")
+        D.barrier(self.dist)
+
     def _setup(self) -> None:
         cfg, t = self.cfg, self.cfg.train
-        self.dist = info = D.setup(t.device, cfg.dist.backend)
+        self.dist = info = D.setup(t.device, cfg.dist.backend, cfg.dist.timeout_s)
         self.device = info.device
         grad_accum = t.grad_accum
         if t.global_batch_size is not None:
@@ -136,15 +158,25 @@ class Trainer:
         self.total_steps = t.steps if t.steps is not None else math.ceil(t.tokens / self.tokens_per_step)
         self.warmup = resolve_warmup(self.total_steps, cfg.optim.warmup_steps, cfg.optim.warmup_fraction)
         self.run_dir = cfg.run_path()
-        # the resume target and the run directory are checked first: nothing is written before
+        self._lock_run_dir()
+        # the resume target is resolved, validated and verified first: nothing is written before
         self.resume_path = ckpt.resolve_resume(self.resume, self.run_dir) if self.resume else None
         if self.resume_path is None and ckpt.list_checkpoints(self.run_dir):
-            raise ckpt.CheckpointError(f"run directory {self.run_dir} already holds checkpoints; pass "
-                                       "--resume to continue it, or choose another train.run_dir / run_name")
-        meta = ckpt.read_meta(self.resume_path) if self.resume_path else None
-        if meta is not None:
-            for note in resume_changes(config_from_dict(meta["config"]), cfg):
+            raise CheckpointError(f"run directory {self.run_dir} already holds checkpoints; pass "
+                                  "--resume to continue it, or choose another train.run_dir / run_name")
+        opened = ckpt.open_checkpoint(self.resume_path) if self.resume_path else None
+        meta = opened.meta if opened is not None else None
+        if opened is not None:
+            self.resume_path = opened.path
+            self._states = ckpt.load_checkpoint_files(opened)  # parsed and checked before anything else
+            try:
+                saved_cfg = config_from_dict(meta["config"])
+            except ConfigError as e:
+                raise CheckpointError(f"checkpoint {opened.path}: meta.json field 'config' is invalid ({e})"
+                                      ) from None
+            for note in resume_changes(saved_cfg, cfg):
                 self._main_log(f"resume: {note}")
+            self._schedule_note(saved_cfg, meta)
         self.data = self._prepare_data()
         model = build_for_training(cfg, len(self.data.tokenizer))
         self.n_params = model.num_parameters()
@@ -167,8 +199,36 @@ class Trainer:
         self.batches = GlobalBatches(self.train_rows, t.micro_batch_size, grad_accum, info.world_size,
                                      info.rank, t.seed, self.device)
         self.step = self.tokens = 0
-        if meta is not None:
-            self._load(self.resume_path, meta)
+        if opened is not None:
+            self._load(opened)
+            if self.dist.is_main:  # the checkpoint is valid: now the run directory may change
+                for moved in ckpt.supersede_after(self.run_dir, opened.path):
+                    self._log(f"resume: set aside {moved} (a checkpoint not on the path of the one "
+                              "resumed from)")
+                note = ckpt.repair_latest(self.run_dir)
+                if note:
+                    self._log(note)
+            D.barrier(self.dist)
+
+    def _last_checkpoint(self) -> str:
+        """The run's latest checkpoint, for messages."""
+        try:
+            return str(ckpt.latest_checkpoint(self.run_dir))
+        except (CheckpointError, OSError, AttributeError):
+            return "unknown"
+
+    def _schedule_note(self, saved: TrainConfig, meta: dict[str, Any]) -> None:
+        """Print how a changed step budget changes the LR schedule from the resumed step on."""
+        old_total, step = int(meta["total_steps"]), int(meta["step"])
+        o = saved.optim
+        old_warmup = resolve_warmup(old_total, o.warmup_steps, o.warmup_fraction)
+        if (old_total, old_warmup) == (self.total_steps, self.warmup):
+            return
+        old = warmup_cosine(step, old_total, old_warmup, o.lr, o.min_lr)
+        new = warmup_cosine(step, self.total_steps, self.warmup, self.cfg.optim.lr, self.cfg.optim.min_lr)
+        self._main_log(f"resume: LR schedule recomputed for {self.total_steps} steps (warmup {self.warmup}), "
+                       f"was {old_total} (warmup {old_warmup}): the LR of step {step + 1} is {new:.4g} "
+                       f"(the saved schedule's: {old:.4g})")
 
     def _main_log(self, text: str) -> None:
         if self.dist.is_main:
@@ -217,17 +277,20 @@ class Trainer:
         self._last_saved = self.step
         return path
 
-    def _load(self, path: Path, meta: dict[str, Any]) -> None:
+    def _load(self, opened: ckpt.CheckpointInfo) -> None:
+        path, meta = opened.path, opened.meta
         if meta.get("global_batch") != self.global_batch:
-            raise ckpt.CheckpointError(
+            raise CheckpointError(
                 f"checkpoint {path} was trained with a global batch of {meta.get('global_batch')} rows, this "
                 f"run uses {self.global_batch}; keep micro_batch_size * grad_accum * world_size unchanged")
-        model_sd, optim_sd, trainer_state = ckpt.load_checkpoint_files(path)
+        model_sd, optim_sd, trainer_state = self._states
+        del self._states
         try:
             ckpt.load_states(self.raw_model, self.optimizer, model_sd, optim_sd, self.fsdp)
             self.batches.load_state_dict(trainer_state["sampler"])
         except Exception as e:  # noqa: BLE001 - anything here means the files do not fit
-            raise ckpt.CheckpointError(f"checkpoint {path} could not be loaded into this run: {e}") from None
+            text = " ".join(str(e).split())[:300]
+            raise CheckpointError(f"checkpoint {path} could not be loaded into this run: {text}") from None
         self.step, self.tokens = int(trainer_state["step"]), int(trainer_state["tokens"])
         ckpt.set_rng_state(trainer_state["rng"])
 
@@ -284,11 +347,14 @@ class Trainer:
         params = self.raw_model.parameters()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
         grad_norm = grad_norm.full_tensor() if self.fsdp else grad_norm  # a DTensor under FSDP2
+        loss = D.all_reduce_sum([float(total.item())], self.dist, self.device)[0] / n_targets
+        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):  # before the weights change
+            what = f"training loss {loss}" if not math.isfinite(loss) else f"gradient norm {float(grad_norm)}"
+            raise TrainingError(f"non-finite {what} at step {self.step + 1}; the run stopped before updating "
+                                f"the model; the last good checkpoint is {self._last_checkpoint()} (try a "
+                                "lower optim.lr or a longer warmup)")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = D.all_reduce_sum([float(total.item())], self.dist, self.device)[0] / n_targets
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss} at step {self.step + 1}")
         self.step += 1
         self.tokens += self.tokens_per_step
         return {"loss": loss, **rates, "grad_norm": float(grad_norm)}
@@ -317,14 +383,28 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the step/token budget; returns a summary dict (``final_val_loss``, ``tokens``,
         ``tokens_per_s``, ``run_dir``, ``interrupted``, ``stop_reason``, ...)."""
+        self._lock: ckpt.RunLock | None = None
+        started = False
         try:
             self._setup()
+            started = True
             summary = self._run()
-        except BaseException:
+        except BaseException as e:
             if self.dist is not None:
                 D.teardown(self.dist, sync=False)
+            if self._lock is not None:
+                self._lock.release(remove_created=not started)
+            if isinstance(e, RuntimeError) and not isinstance(e, (CheckpointError, TrainingError)) \
+                    and self.dist is not None and self.dist.distributed and D.is_timeout(e):
+                cause = " ".join(str(e).split())[:160]
+                raise TrainingError(
+                    f"rank {self.dist.rank}: a collective operation did not complete within "
+                    f"dist.timeout_s={self.cfg.dist.timeout_s:g} s (another rank stopped or died); last "
+                    f"checkpoint: {self._last_checkpoint()} ({cause})") from None
             raise
         D.teardown(self.dist)
+        if self._lock is not None:
+            self._lock.release()
         return summary
 
     def _validate(self, logger: MetricsLogger, progress: Progress) -> float | None:
@@ -374,7 +454,11 @@ class Trainer:
                     if stop_reason != "done":
                         break
                 finished = self.step >= self.total_steps
-                if finished:
+                # a run resumed at its end was stopped after its final validation had been recorded: keep it
+                done = logger.recorded(self.step, "val") if self.step == start_step else None
+                if finished and D.all_reduce_max(float(done is not None), self.dist, self.device) > 0:
+                    val_loss = done["loss"] if done is not None else None
+                elif finished:
                     val_loss = self._validate(logger, progress)
                 saved = self.save() if self._last_saved != self.step else ckpt.latest_checkpoint(self.run_dir)
             finally:
@@ -412,4 +496,4 @@ class Trainer:
         return summary
 
 
-__all__ = ["Trainer", "build_for_training", "param_groups", "seed_everything"]
+__all__ = ["Trainer", "TrainingError", "build_for_training", "param_groups", "seed_everything"]

@@ -16,11 +16,25 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory's entries (a rename or new file in it) to disk; a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temporary file next to ``path`` for writing (``mode`` ``"w"`` or ``"wb"``, ``kwargs`` of
     :func:`open`); when the block ends without an error, flush, ``fsync`` and ``os.replace`` it onto
-    ``path``; otherwise remove it."""
+    ``path`` (then ``fsync`` the folder); otherwise remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,6 +44,7 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -48,4 +63,4 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-__all__ = ["atomic_open", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_open", "atomic_write_json", "atomic_write_text", "fsync_dir"]
