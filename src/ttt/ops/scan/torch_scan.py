@@ -156,6 +156,33 @@ def _e_backward(d_e: Tensor, coef: Tensor, lr: Tensor) -> tuple[Tensor, Tensor]:
     return (d_e * lr.unsqueeze(1)).sum((0, 2)), (d_e * coef.view(1, -1, 1)).sum(1)
 
 
+def _dual_output_backward(d_out: Tensor, x: Tensor, keys: Tensor, w: Tensor, g: Tensor, e: Tensor,
+                          p: Tensor, gw: Tensor, gb: Tensor, coef: Tensor, first: bool
+                          ) -> tuple[Tensor, ...]:
+    """Backward of one dual-form output ``out = X W + b - (E * P) G [- coef (X gW + gb)]``.
+
+    ``P = X Keys^T + 1`` (math §5; docs/scan-backward.md steps 3-4). Returns the contributions
+    ``(dW, db, dX, dKeys, dG, dgW, dgb, dcoef [b], dE)``; ``dgW, dgb`` are zeros unless ``first``.
+    """
+    t = lambda y: y.transpose(1, 2)  # noqa: E731
+    d_w = torch.bmm(t(x), d_out)
+    d_b = d_out.sum(1, keepdim=True)
+    dx = torch.bmm(d_out, t(w))
+    d_a = -torch.bmm(d_out, t(g))
+    dg = -torch.bmm(t(e * p), d_out)
+    d_gw, d_gb, d_coef = torch.zeros_like(gw), torch.zeros_like(gb), torch.zeros_like(coef)
+    if first:
+        cz = coef.view(1, -1, 1) * d_out
+        d_gw = -torch.bmm(t(x), cz)
+        d_gb = -cz.sum(1, keepdim=True)
+        dx = dx - torch.bmm(cz, t(gw))
+        d_coef = -(torch.baddbmm(gb, x, gw) * d_out).sum((0, 2))
+    d_s = d_a * e
+    dx = dx + torch.bmm(d_s, keys)
+    d_keys = torch.bmm(t(d_s), x)
+    return d_w, d_b, dx, d_keys, dg, d_gw, d_gb, d_coef, d_a * p
+
+
 def linear_step_backward(state: tuple[Tensor, ...], k: Tensor, q: Tensor, s: Tensor, lr: Tensor,
                          coef: Tensor, ln_w: Tensor | None, complete: Tensor | None, first: bool, e: Tensor,
                          d_zbar: Tensor, d_new: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -170,7 +197,6 @@ def linear_step_backward(state: tuple[Tensor, ...], k: Tensor, q: Tensor, s: Ten
     else:
         g, xhat, rstd, gy = _ln_grad(z, s, ln_w)
     qk1 = torch.bmm(q, k.transpose(1, 2)) + 1.0
-    a = e * qk1
     lg = lr.unsqueeze(-1) * g
     acc_w = torch.baddbmm(gw, k.transpose(1, 2), lg)
     acc_b = gb + lg.sum(1, keepdim=True)
@@ -184,24 +210,13 @@ def linear_step_backward(state: tuple[Tensor, ...], k: Tensor, q: Tensor, s: Ten
     dk = torch.bmm(lg, d_accw.transpose(1, 2))
     dlr = (g * d_lg).sum(-1)
     dg = lr.unsqueeze(-1) * d_lg
-    # output: Zbar = Q W + b - A G [- c (Q gW + gb)]
-    d_w = d_w + torch.bmm(q.transpose(1, 2), d_zbar)
-    d_b = d_b + d_zbar.sum(1, keepdim=True)
-    dq = torch.bmm(d_zbar, w.transpose(1, 2))
-    d_a = -torch.bmm(d_zbar, g.transpose(1, 2))
-    dg = dg - torch.bmm(a.transpose(1, 2), d_zbar)
-    if first:
-        cz = coef.view(1, -1, 1) * d_zbar
-        d_gw = d_gw - torch.bmm(q.transpose(1, 2), cz)
-        d_gb = d_gb - cz.sum(1, keepdim=True)
-        dq = dq - torch.bmm(cz, gw.transpose(1, 2))
-        d_coef = d_coef - (torch.baddbmm(gb, q, gw) * d_zbar).sum((0, 2))
-    # A = E * (Q K^T + 1)
-    d_s_qk = d_a * e
-    dq = dq + torch.bmm(d_s_qk, k)
-    dk = dk + torch.bmm(d_s_qk.transpose(1, 2), q)
-    dc, dl = _e_backward(d_a * qk1, coef, lr)
-    d_coef, dlr = d_coef + dc, dlr + dl
+    # output: Zbar = Q W + b - (E * (Q K^T + 1)) G [- c (Q gW + gb)]
+    o_w, o_b, dq, o_k, o_g, o_gw, o_gb, o_coef, d_e = _dual_output_backward(
+        d_zbar, q, k, w, g, e, qk1, gw, gb, coef, first)
+    d_w, d_b, dk, dg = d_w + o_w, d_b + o_b, dk + o_k, dg + o_g
+    d_gw, d_gb = d_gw + o_gw, d_gb + o_gb
+    dc, dl = _e_backward(d_e, coef, lr)
+    d_coef, dlr = d_coef + o_coef + dc, dlr + dl
     # G = grad of the inner loss at Z = K W + b
     if ln_w is None:
         dz, ds, dlnw = dg, dg, None
@@ -239,13 +254,11 @@ def mlp_step_backward(state: tuple[Tensor, ...], k: Tensor, q: Tensor, s: Tensor
     g1 = p * dgelu1
     c = coef.view(1, -1, 1)
     qk1 = torch.bmm(q, t(k)) + 1.0
-    a1 = e * qk1
-    zb1 = torch.baddbmm(torch.baddbmm(b1, q, w1), a1, g1, alpha=-1.0)
+    zb1 = torch.baddbmm(torch.baddbmm(b1, q, w1), e * qk1, g1, alpha=-1.0)
     if first:
         zb1 = zb1 - c * torch.baddbmm(gb1, q, gw1)
     xb2 = gelu_tanh(zb1)
     xx1 = torch.bmm(xb2, t(x2)) + 1.0
-    a2 = e * xx1
     lr_c = lr.unsqueeze(-1)
     lg1, lg2 = lr_c * g1, lr_c * g2
     accs = (torch.baddbmm(gw1, t(k), lg1), gb1 + lg1.sum(1, keepdim=True),
@@ -262,39 +275,18 @@ def mlp_step_backward(state: tuple[Tensor, ...], k: Tensor, q: Tensor, s: Tensor
     dx2 = torch.bmm(lg2, t(d_gw2))
     dlr = (g1 * d_lg1).sum(-1) + (g2 * d_lg2).sum(-1)
     dg1, dg2 = lr_c * d_lg1, lr_c * d_lg2
-    # second layer output: Zbar2 = Xbar2 W2 + b2 - A2 G2 [- c (Xbar2 gW2 + gb2)]
-    d_w2 = d_w2 + torch.bmm(t(xb2), d_zbar)
-    d_b2 = d_b2 + d_zbar.sum(1, keepdim=True)
-    dxb2 = torch.bmm(d_zbar, t(w2))
-    d_a2 = -torch.bmm(d_zbar, t(g2))
-    dg2 = dg2 - torch.bmm(t(a2), d_zbar)
-    if first:
-        cz = c * d_zbar
-        d_gw2 = d_gw2 - torch.bmm(t(xb2), cz)
-        d_gb2 = d_gb2 - cz.sum(1, keepdim=True)
-        dxb2 = dxb2 - torch.bmm(cz, t(gw2))
-        d_coef = d_coef - (torch.baddbmm(gb2, xb2, gw2) * d_zbar).sum((0, 2))
-    d_s2 = d_a2 * e
-    dxb2 = dxb2 + torch.bmm(d_s2, x2)
-    dx2 = dx2 + torch.bmm(t(d_s2), xb2)
-    d_e = d_a2 * xx1
-    # first layer output: Zbar1 = Q W1 + b1 - A1 G1 [- c (Q gW1 + gb1)]
+    # second layer output: Zbar2 = Xbar2 W2 + b2 - (E * (Xbar2 X2^T + 1)) G2 [- c (Xbar2 gW2 + gb2)]
+    o_w, o_b, dxb2, o_x2, o_g, o_gw, o_gb, o_coef, d_e2 = _dual_output_backward(
+        d_zbar, xb2, x2, w2, g2, e, xx1, gw2, gb2, coef, first)
+    d_w2, d_b2, dx2, dg2 = d_w2 + o_w, d_b2 + o_b, dx2 + o_x2, dg2 + o_g
+    d_gw2, d_gb2, d_coef = d_gw2 + o_gw, d_gb2 + o_gb, d_coef + o_coef
+    # first layer output: Zbar1 = Q W1 + b1 - (E * (Q K^T + 1)) G1 [- c (Q gW1 + gb1)]
     dzb1 = gelu_tanh_backward(dxb2, zb1)
-    d_w1 = d_w1 + torch.bmm(t(q), dzb1)
-    d_b1 = d_b1 + dzb1.sum(1, keepdim=True)
-    dq = torch.bmm(dzb1, t(w1))
-    d_a1 = -torch.bmm(dzb1, t(g1))
-    dg1 = dg1 - torch.bmm(t(a1), dzb1)
-    if first:
-        cz = c * dzb1
-        d_gw1 = d_gw1 - torch.bmm(t(q), cz)
-        d_gb1 = d_gb1 - cz.sum(1, keepdim=True)
-        dq = dq - torch.bmm(cz, t(gw1))
-        d_coef = d_coef - (torch.baddbmm(gb1, q, gw1) * dzb1).sum((0, 2))
-    d_s1 = d_a1 * e
-    dq = dq + torch.bmm(d_s1, k)
-    dk = dk + torch.bmm(t(d_s1), q)
-    d_e = d_e + d_a1 * qk1
+    o_w, o_b, dq, o_k, o_g, o_gw, o_gb, o_coef, d_e1 = _dual_output_backward(
+        dzb1, q, k, w1, g1, e, qk1, gw1, gb1, coef, first)
+    d_w1, d_b1, dk, dg1 = d_w1 + o_w, d_b1 + o_b, dk + o_k, dg1 + o_g
+    d_gw1, d_gb1, d_coef = d_gw1 + o_gw, d_gb1 + o_gb, d_coef + o_coef
+    d_e = d_e1 + d_e2
     dc, dl = _e_backward(d_e, coef, lr)
     d_coef, dlr = d_coef + dc, dlr + dl
     # G1 = (G2 W2^T) * gelu'(Z1)
