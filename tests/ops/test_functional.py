@@ -1,5 +1,6 @@
 """Closed forms of the small math pieces against autograd (float64, tolerance 1e-10)."""
 
+import pytest
 import torch
 
 from ttt.ops.functional import (
@@ -56,3 +57,11 @@ def test_rope_rotates_adjacent_pairs() -> None:
 def test_token_coefficients() -> None:
     delta = torch.tensor([0.0, 0.5, -1.0, 0.0])
     torch.testing.assert_close(token_coefficients(delta), torch.tensor([1.0, 1.0, 0.0, 0.25]))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 0.0)])
+def test_rope_table_equals_direct(dtype, tol) -> None:
+    """The per-position table (``period``) gives the same rotation as computing every angle."""
+    x = torch.randn(2, 3, 37, 16, dtype=torch.float64).to(dtype)
+    pos = (torch.arange(37).view(1, 37) + torch.tensor([[0], [5]])) % 8
+    torch.testing.assert_close(rope_adjacent(x, pos, period=8), rope_adjacent(x, pos), rtol=tol, atol=tol)

@@ -248,8 +248,8 @@ class TTTLayer(nn.Module):
         xq, xk, xv = heads(xq), heads(xk), heads(xv)
         positions = state.inner.pos.view(bsz, 1) + torch.arange(length, device=x.device)
         positions = positions % self.mini_batch_size
-        xq = rope_adjacent(xq, positions, self.rope_theta)
-        xk = rope_adjacent(xk, positions, self.rope_theta)
+        xq = rope_adjacent(xq, positions, self.rope_theta, period=self.mini_batch_size)
+        xk = rope_adjacent(xk, positions, self.rope_theta, period=self.mini_batch_size)
 
         gate_logits = torch.einsum("bld,hd->bhl", x, self.learnable_ttt_lr_weight.squeeze(1))
         gate_logits = gate_logits + self.learnable_ttt_lr_bias.view(1, h, 1)

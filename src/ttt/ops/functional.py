@@ -66,25 +66,30 @@ def ln_l2_grad_closed_form(
     return (f * gy - gy.sum(-1, keepdim=True) - xhat * (gy * xhat).sum(-1, keepdim=True)) * (rstd / f)
 
 
-def rope_adjacent(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
+def rope_adjacent(x: Tensor, positions: Tensor, theta: float = 10000.0, period: int | None = None) -> Tensor:
     """Rotary embedding rotating adjacent feature pairs (2i, 2i+1) by ``pos * theta^(-2i/F)``.
 
     Args:
         x: ``[B, H, L, F]`` with even ``F``.
         positions: ``[B, L]`` integer positions (the project uses the position inside the mini-batch).
+        period: if every position is known to lie in ``[0, period)``, the rotations are computed once
+            per position and gathered (cheaper than one sine and cosine per token).
     """
     f = x.shape[-1]
     if f % 2:
         raise ValueError(f"rotary embedding needs an even head dim, got {f}")
     inv_freq = theta ** (-torch.arange(0, f, 2, device=x.device, dtype=torch.float64) / f)
-    ang = positions.to(torch.float64)[..., None] * inv_freq  # [B, L, F/2]
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if period is not None:  # angles in float64, then one table lookup per token
+        ang = torch.arange(period, device=x.device, dtype=torch.float64)[:, None] * inv_freq
+        cos, sin = ang.cos().to(wide)[positions], ang.sin().to(wide)[positions]  # [B, L, F/2]
+    else:
+        ang = positions.to(torch.float64)[..., None] * inv_freq  # [B, L, F/2]
+        cos, sin = ang.cos().to(wide), ang.sin().to(wide)
     if x.dtype in (torch.float32, torch.float64):  # one complex multiply: (x0 + i x1) * e^{i ang}
-        rot = torch.polar(torch.ones_like(ang), ang).to(torch.complex64 if x.dtype == torch.float32
-                                                         else torch.complex128)
         xc = torch.view_as_complex(x.reshape(*x.shape[:-1], f // 2, 2).contiguous())
-        return torch.view_as_real(xc * rot[:, None]).flatten(-2)
-    cos = ang.cos().to(x.dtype)[:, None]
-    sin = ang.sin().to(x.dtype)[:, None]
+        return torch.view_as_real(xc * torch.complex(cos, sin)[:, None]).flatten(-2)
+    cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]
     x0, x1 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
 
