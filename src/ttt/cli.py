@@ -79,10 +79,12 @@ def eval_cmd(
     ),
     size: str = typer.Option("tiny", help="Registry size for --arch."),
     data: str | None = typer.Option(
-        None, help="Corpus (path / source for ttt.data.load_documents); default: the run's, else Shakespeare."
+        None, help="Corpus (path / source for ttt.data.load_documents); default: the run's corpus "
+        "(required for a model without a training run; --arch: Shakespeare)."
     ),
     tokenizer: str | None = typer.Option(
-        None, help="Tokenizer spec ('byte', 'bpe', HF name/path); default: the one saved with the model."
+        None, help="Tokenizer ('byte', a tokenizer folder or Hub name) for a model saved without one; "
+        "a model's own tokenizer is always used."
     ),
     seq_len: int | None = typer.Option(None, help="Window length (default: the run's context, else 512)."),
     batch_size: int = typer.Option(8, help="Windows per forward pass."),
@@ -90,27 +92,47 @@ def eval_cmd(
     buckets: int = typer.Option(32, help="Buckets of the loss-by-position curve."),
     out: Path = typer.Option(Path("eval"), help="Output directory for eval.json and loss_by_position.png."),
     device: str = typer.Option("cpu", help="torch device."),
+    lm_eval: str | None = typer.Option(
+        None, "--lm-eval", help="Comma-separated lm-evaluation-harness tasks: run them on PATH (exported "
+        "first if it is a run) with lm_eval's hf model instead of the loss evaluation."
+    ),
+    lm_eval_include: Path | None = typer.Option(
+        None, "--lm-eval-include", help="Folder of extra lm-eval task YAML files (e.g. local tasks)."
+    ),
+    limit: int | None = typer.Option(None, help="--lm-eval: at most this many examples per task."),
 ) -> None:
-    """Validation loss, perplexity, bits per byte and loss by token position (JSON + PNG)."""
+    """Validation loss, perplexity, bits per byte and loss by position (JSON + PNG), or lm-eval tasks."""
     from ttt.evaluation import EvaluationError, evaluate
-    from ttt.evaluation.loading import ModelLoadError, load_model
+    from ttt.evaluation.loading import ModelLoadError, TokenizerMismatch, load_model, resolve_tokenizer
     from ttt.evaluation.plots import plot_loss_by_position
     from ttt.evaluation.study_data import DataUnavailable, eval_data
 
     if (path is None) == (arch is None):
         raise _fail("give exactly one of PATH (a saved model or run) or --arch")
+    if lm_eval is not None:
+        if path is None:
+            raise _fail("--lm-eval evaluates a saved model or run: give PATH")
+        return _lm_eval(path, lm_eval, lm_eval_include, limit, batch_size, device, out)
     run_cfg: dict[str, Any] = {}
     tok = None
+    tok_spec = tokenizer
     if path is not None:
         try:
             loaded = load_model(path, device=device)
-        except ModelLoadError as e:
+            tok, tok_spec = resolve_tokenizer(loaded, tokenizer)
+        except (ModelLoadError, TokenizerMismatch) as e:
             raise _fail(str(e)) from None
-        model, tok, run_cfg, name = loaded.model, loaded.tokenizer, loaded.run_config, str(path)
+        model, run_cfg, name = loaded.model, loaded.run_config, str(path)
+        if data is None and not run_cfg:
+            raise _fail(f"{path} has no training run to take the evaluation corpus from; pass --data")
     try:
-        bundle = eval_data(source=data, tokenizer=tokenizer, loaded_tokenizer=tok, run_config=run_cfg)
+        bundle = eval_data(source=data, tokenizer=tok_spec, loaded_tokenizer=None, run_config=run_cfg)
     except (DataUnavailable, ValueError, FileNotFoundError) as e:
         raise _fail(str(e)) from None
+    from ttt.data.tokenizer import describe_tokenizer, tokenizer_fingerprint
+
+    if tok is not None and tokenizer_fingerprint(tok) != tokenizer_fingerprint(bundle.tokenizer):
+        raise _fail(f"the evaluation data was tokenized with a different tokenizer than {path}'s own")
     if arch is not None:
         from ttt.evaluation.compare import UnknownArch, build_arch
 
@@ -133,12 +155,20 @@ def eval_cmd(
         )
     except EvaluationError as e:
         raise _fail(str(e)) from None
+    tok_info = describe_tokenizer(bundle.tokenizer, str(tok_spec or "byte"))
     res.extra.update(
-        {"model": name, "data": data or bundle.source, "params": sum(p.numel() for p in model.parameters())}
+        {"model": name, "tokenizer": tok_info, "corpus": {"source": bundle.source, "split": "validation"},
+         "data": data or bundle.source, "params": sum(p.numel() for p in model.parameters())}
     )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(res.to_dict(), indent=2, default=_json_default))
+    _write_json(out / "eval.json", res.to_dict())
     plot = plot_loss_by_position({name: res}, out / "loss_by_position.png")
+    _plain(
+        f"model {name} | tokenizer {tok_info['source']} ({tok_info['kind']}, "
+        f"{tok_info['vocab_size']} tokens, "
+        f"sha256 {tok_info['sha256']}) | corpus {bundle.source} (validation split) | "
+        f"{res.num_windows} windows x {res.seq_len} tokens = {res.num_tokens} scored tokens"
+    )
     console.print(
         f"loss {res.loss:.4f} nats/token | ppl {res.perplexity:.3f} | "
         f"bits/byte {_finite(res.bits_per_byte)} | "
@@ -146,6 +176,76 @@ def eval_cmd(
         f"{res.num_windows} windows x {res.seq_len} tokens"
     )
     console.print(f"wrote {out / 'eval.json'} and {plot}")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write JSON via a temporary file and a rename (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    tmp.replace(path)
+
+
+def _lm_eval(path: Path, tasks: str, include: Path | None, limit: int | None, batch_size: int, device: str,
+             out: Path) -> None:
+    """``ttt eval --lm-eval``: lm-evaluation-harness tasks on PATH (a run is exported to a temporary dir)."""
+    import tempfile
+
+    from ttt.export import ExportError, export_run, lm_eval_tasks
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not task_list:
+        raise _fail("--lm-eval needs at least one task name")
+    if include is not None and not include.is_dir():
+        raise _fail(f"--lm-eval-include {include} is not a folder")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = path
+        if not (path / "config.json").is_file():
+            try:
+                export_run(path, Path(tmp) / "model")
+            except ExportError as e:
+                raise _fail(str(e)) from None
+            model_dir = Path(tmp) / "model"
+        try:
+            results = lm_eval_tasks(model_dir, task_list, include=include, limit=limit, batch_size=batch_size,
+                                    device=device)
+        except ExportError as e:
+            raise _fail(str(e)) from None
+    from lm_eval.utils import make_table
+
+    results["ttt"] = {"model": str(path), "tasks": task_list, "limit": limit}
+    _write_json(out / "lm_eval.json", results)
+    _plain(f"model {path} | lm-eval tasks {', '.join(task_list)} | samples per task: "
+           + ", ".join(f"{k}={v.get('effective', v) if isinstance(v, dict) else v}"
+                       for k, v in (results.get("n-samples") or {}).items()))
+    _plain(make_table(results))
+    console.print(f"wrote {out / 'lm_eval.json'}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# ttt export
+# ----------------------------------------------------------------------------------------------------
+
+
+@app.command("export")
+def export_cmd(
+    run: Path = typer.Argument(..., help="Run directory (its latest checkpoint) or checkpoint directory."),
+    out: Path = typer.Argument(..., help="Directory to write the Hugging Face model to."),
+    step: int | None = typer.Option(None, help="Export the checkpoint of this step instead of the latest."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """Write a run as a self-contained Hugging Face model directory (weights, config, tokenizer, code, card).
+
+    Load it anywhere with AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True).
+    """
+    from ttt.export import ExportError, export_run
+
+    try:
+        res = export_run(run, out, step=step, overwrite=overwrite)
+    except ExportError as e:
+        raise _fail(str(e)) from None
+    val = "-" if res.val_loss is None else f"{res.val_loss:.4f}"
+    _plain(f"exported {res.checkpoint} (step {res.step}, {res.tokens} tokens, val loss {val}) to {res.out}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -210,29 +310,20 @@ def generate_cmd(
     top_k: int = typer.Option(50, help="Keep the k most likely tokens (0: off)."),
     top_p: float = typer.Option(0.95, help="Nucleus sampling mass (1.0: off)."),
     seed: int = typer.Option(0, help="Random seed."),
-    tokenizer: str | None = typer.Option(None, help="Tokenizer spec if none is saved with the model."),
+    tokenizer: str | None = typer.Option(
+        None, help="Tokenizer ('byte', a tokenizer folder) for a model saved without one."
+    ),
     device: str = typer.Option("cpu", help="torch device."),
 ) -> None:
-    """Generate text from a saved model, streaming it to the terminal."""
+    """Generate text from a saved model (with its own tokenizer), streaming it to the terminal."""
     from ttt.evaluation.generation import generate_text
-    from ttt.evaluation.loading import ModelLoadError, load_model
+    from ttt.evaluation.loading import ModelLoadError, TokenizerMismatch, load_model, resolve_tokenizer
 
     try:
         loaded = load_model(path, device=device)
-    except ModelLoadError as e:
+        tok, _ = resolve_tokenizer(loaded, tokenizer)
+    except (ModelLoadError, TokenizerMismatch) as e:
         raise _fail(str(e)) from None
-    tok = loaded.tokenizer
-    if tok is None or tokenizer is not None:
-        from ttt.evaluation.study_data import DataUnavailable, eval_data, make_tokenizer
-
-        run_tok = (loaded.run_config.get("data") or {}).get("tokenizer")
-        try:
-            if tokenizer is None and run_tok not in (None, "byte"):  # e.g. the run's BPE: rebuild it
-                tok = eval_data(None, None, None, loaded.run_config).tokenizer
-            else:
-                tok = make_tokenizer(tokenizer or "byte")
-        except (DataUnavailable, ValueError, OSError) as e:
-            raise _fail(str(e)) from None
     generate_text(
         loaded.model,
         tok,

@@ -22,6 +22,8 @@ returned holds the state after each row's last document.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import fields, is_dataclass, replace
 
 import torch
@@ -44,6 +46,7 @@ from ..ops.layout import (
 )
 from .cache_ttt import CACHE_KEY, TTTCache
 from .configuration_ttt import TTTConfig
+from .training_run import find_training_checkpoint, read_meta
 
 logger = logging.get_logger(__name__)
 
@@ -218,6 +221,29 @@ class TTTPreTrainedModel(PreTrainedModel):
     _is_stateful = True
     _supports_sdpa = False
     _supports_flash_attn = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, which also accepts a ``ttt train`` run directory (its
+        latest checkpoint) or one of its checkpoint directories; the model then decodes with the cache.
+        """
+        ckpt = (find_training_checkpoint(pretrained_model_name_or_path)
+                if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) else None)
+        if ckpt is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        meta = read_meta(ckpt)
+        fields = dict(meta.get("model_config") or {})
+        if fields.get("model_type") != TTTConfig.model_type:
+            raise ValueError(f"checkpoint {ckpt} holds a {meta.get('arch') or fields.get('model_type')!r} "
+                             f"model, not a TTT model")
+        config = kwargs.pop("config", None)
+        if config is None:
+            config = TTTConfig.from_dict(fields)
+            config.use_cache = True  # trained with use_cache=False; inference decodes with the cache
+        with tempfile.TemporaryDirectory() as tmp:  # a standard HF layout pointing at the checkpoint
+            os.symlink(os.path.abspath(ckpt / "model.safetensors"), os.path.join(tmp, "model.safetensors"))
+            config.save_pretrained(tmp)
+            return super().from_pretrained(tmp, *model_args, config=config, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

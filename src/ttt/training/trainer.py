@@ -117,6 +117,8 @@ class Trainer:
         if info.is_main:
             D.barrier(info)
         self.tokenizer = bundle.tokenizer
+        if info.is_main:
+            self._keep_run_tokenizer()
         seq = cfg.data.seq_len
         self.train_rows = PackedRows(bundle.train, seq)
         self.val_rows = PackedRows(bundle.val, seq) if bundle.val is not None else None
@@ -131,6 +133,23 @@ class Trainer:
             len(self.train_rows), self.global_batch, cfg.train.seed, rank=0, world_size=1
         )
         self._sampler_iter = None
+
+    def _keep_run_tokenizer(self) -> None:
+        """The run directory holds the tokenizer it trains with (``run_dir/tokenizer``): saved on a fresh
+        run; on resume it must be the one the data was just tokenized with (issue 10)."""
+        from ttt.data.tokenizer import RUN_TOKENIZER_DIR, run_tokenizer, save_tokenizer, tokenizer_fingerprint
+
+        saved = run_tokenizer(self.run_dir)
+        same = saved is not None and tokenizer_fingerprint(saved) == tokenizer_fingerprint(self.tokenizer)
+        if self.resume_path is None or saved is None:
+            if not same:
+                save_tokenizer(self.tokenizer, self.run_dir / RUN_TOKENIZER_DIR)
+        elif not same:
+            raise ConfigError(
+                f"the tokenizer built from the data settings differs from the one this run was trained with "
+                f"({self.run_dir / RUN_TOKENIZER_DIR}); did the corpus change? Use "
+                f"data.tokenizer={self.run_dir / RUN_TOKENIZER_DIR} to continue with the run's tokenizer"
+            )
 
     def _tokenizer_vocab(self) -> int:
         return int(len(self.tokenizer))
@@ -293,6 +312,7 @@ class Trainer:
                 "size": self.cfg.model.size,
                 "tokens": self.tokens,
                 "model_config": self.raw_model.config.to_dict(),
+                "tokenizer_sha256": self._tokenizer_sha256(),
                 "world_size": self.dist.world_size,
                 "global_batch": self.global_batch,
                 "seq_len": self.cfg.data.seq_len,
@@ -311,6 +331,11 @@ class Trainer:
         D.barrier(self.dist)
         self._last_saved = self.step
         return path
+
+    def _tokenizer_sha256(self) -> str:
+        from ttt.data.tokenizer import tokenizer_fingerprint
+
+        return tokenizer_fingerprint(self.tokenizer)
 
     def _load(self, path: Path) -> None:
         model_state, optim_state, trainer_state = ckpt.load_checkpoint_files(path)
