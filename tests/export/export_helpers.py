@@ -41,7 +41,8 @@ def make_run(root: Path, tokenizer: str = "bpe", backbone: str = "mamba", steps:
     if save_tok:
         save_tokenizer(tok, run / RUN_TOKENIZER_DIR)
     extra = [f"data.source={corpus}"] if corpus is not None else []
-    overrides = [f"train.run_dir={run}", f"data.tokenizer={tokenizer}", f"data.seq_len={SEQ_LEN}",
+    overrides = [f"train.run_dir={run}", f"data.cache_dir={root / 'cache'}", f"data.tokenizer={tokenizer}",
+                 f"data.seq_len={SEQ_LEN}",
                  f"model.backbone={backbone}", *extra]
     cfg = load_config("tiny", overrides + ([f"data.vocab_size={BPE_VOCAB}"] if tokenizer == "bpe" else []))
     torch.manual_seed(0)
