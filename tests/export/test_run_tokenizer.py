@@ -21,6 +21,8 @@ def _trainer(run: Path, tok, resume: Path | None) -> Trainer:
 def test_run_keeps_its_tokenizer(tmp_path) -> None:
     run = tmp_path / "run"
     bpe = train_bpe_tokenizer(corpus_documents(20), 300)
+    _trainer(run, bpe, None)._keep_run_tokenizer(write=False)  # the check before any write
+    assert not run.exists()
     _trainer(run, bpe, None)._keep_run_tokenizer()
     saved = load_tokenizer(run / "tokenizer")
     assert tokenizer_fingerprint(saved) == tokenizer_fingerprint(bpe)
@@ -29,7 +31,7 @@ def test_run_keeps_its_tokenizer(tmp_path) -> None:
     _trainer(run, bpe, run / "checkpoints" / "step_00000001")._keep_run_tokenizer()
     other = train_bpe_tokenizer(corpus_documents(20, chars=700), 300)
     with pytest.raises(ConfigError, match="differs from the one this run was trained with"):
-        _trainer(run, other, run / "checkpoints" / "step_00000001")._keep_run_tokenizer()
+        _trainer(run, other, run / "checkpoints" / "step_00000001")._keep_run_tokenizer(write=False)
     # a fresh run in the same directory replaces it
     _trainer(run, byte_tokenizer(), None)._keep_run_tokenizer()
     assert len(load_tokenizer(run / "tokenizer")) == 257

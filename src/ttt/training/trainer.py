@@ -118,7 +118,7 @@ class Trainer:
             D.barrier(info)
         self.tokenizer = bundle.tokenizer
         if info.is_main:
-            self._keep_run_tokenizer()
+            self._keep_run_tokenizer(write=False)  # a resume with another tokenizer fails before any write
         seq = cfg.data.seq_len
         self.train_rows = PackedRows(bundle.train, seq)
         self.val_rows = PackedRows(bundle.val, seq) if bundle.val is not None else None
@@ -134,15 +134,15 @@ class Trainer:
         )
         self._sampler_iter = None
 
-    def _keep_run_tokenizer(self) -> None:
-        """The run directory holds the tokenizer it trains with (``run_dir/tokenizer``): saved on a fresh
-        run; on resume it must be the one the data was just tokenized with (issue 10)."""
+    def _keep_run_tokenizer(self, write: bool = True) -> None:
+        """The run directory holds the tokenizer it trains with (``run_dir/tokenizer``): saved (``write``)
+        on a fresh run; on resume it must be the one the data was just tokenized with (issue 10)."""
         from ttt.data.tokenizer import RUN_TOKENIZER_DIR, run_tokenizer, save_tokenizer, tokenizer_fingerprint
 
         saved = run_tokenizer(self.run_dir)
         same = saved is not None and tokenizer_fingerprint(saved) == tokenizer_fingerprint(self.tokenizer)
         if self.resume_path is None or saved is None:
-            if not same:
+            if write and not same:
                 save_tokenizer(self.tokenizer, self.run_dir / RUN_TOKENIZER_DIR)
         elif not same:
             raise ConfigError(
@@ -561,6 +561,7 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self._keep_run_tokenizer()
         resumed_from = self.step if self.resume_path is not None else None
         logger = MetricsLogger(
             self.run_dir,
