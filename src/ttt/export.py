@@ -98,7 +98,7 @@ Sun et al. 2024, "Learning to (Learn at Test Time): RNNs with Expressive Hidden 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{info['name']}")
+tokenizer = AutoTokenizer.from_pretrained("{info['name']}"{remote})
 model = AutoModelForCausalLM.from_pretrained("{info['name']}"{remote})
 ids = tokenizer("ROMEO:", return_tensors="pt").input_ids
 print(tokenizer.decode(model.generate(ids, max_new_tokens=50)[0]))
