@@ -90,4 +90,5 @@ def run_clean(code: str, *args: str, timeout: float = 600, strict_warnings: bool
                 "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
     prelude = CHILD_PRELUDE if strict_warnings else CHILD_PRELUDE.split("import warnings")[0]
     return subprocess.run([sys.executable, "-I", "-c", prelude + code, *args], capture_output=True,
+                          stdin=subprocess.DEVNULL,
                           text=True, timeout=timeout, env=env)
