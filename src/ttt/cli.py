@@ -1,15 +1,25 @@
-"""The ``ttt`` command line: train, evaluate, generate, compare architectures, MQAR, benchmarks.
+"""The ``ttt`` command line: train, evaluate, generate, compare architectures, MQAR, benchmarks, data.
 
-Every command has ``--help``. Heavy imports (torch, transformers, the package's parts) happen inside
-the commands, so ``ttt --help`` is fast and a missing part gives a clear message.
+Every command has ``--help``. Heavy imports (torch, transformers) happen inside the commands, so
+``ttt --help`` is fast. Every command behaves the same way on bad input and on interruption:
+
+* a user error (bad config, missing file, unusable corpus, ...) prints one line ``error: ...`` and exits
+  with status 2, without a traceback;
+* Ctrl-C or SIGTERM stops the command (``ttt train`` and ``ttt compare`` first finish the current
+  step and save a checkpoint) and exits with status 130.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
+import signal
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -25,38 +35,70 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 BENCHMARKS = {"layer": "layer_speed", "decode": "decode_speed", "train": "train_speed",
-              "backends": "backends"}
+              "backends": "backends", "prepare": "prepare_speed", "gpu": "gpu"}
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    """Print a red error line and return the exit exception to raise."""
-    err_console.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code)
+def _fail(message: str) -> typer.Exit:
+    """Print a one-line error and return the exit (status 2) to raise."""
+    err_console.print(f"error: {' '.join(str(message).split())}", markup=False, highlight=False)
+    return typer.Exit(EXIT_USAGE)
 
 
-def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "c": "x"}`` (values parsed as YAML scalars)."""
-    import yaml
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean bad input (not a bug): reported in one line, exit status 2."""
+    from ttt.data import DataError
+    from ttt.evaluation.generation import GenerationError
+    from ttt.evaluation.loading import ModelLoadError, TokenizerMismatch
+    from ttt.evaluation.metrics import EvaluationError
+    from ttt.export import ExportError
+    from ttt.study import StudyError
+    from ttt.training import TrainingError
+    from ttt.training.checkpoint import CheckpointError
+    from ttt.util.config import ConfigError
 
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise _fail(f"override {item!r} is not of the form key=value")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    return (ConfigError, CheckpointError, DataError, ModelLoadError, EvaluationError, StudyError,
+            TrainingError, GenerationError, TokenizerMismatch, ExportError)
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def command(fn: F) -> F:
+    """Run a command with the CLI's error and signal handling (see the module docstring)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            err_console.print("interrupted", markup=False)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as e:
+            if isinstance(e, _user_errors()):
+                raise _fail(str(e)) from None
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _overrides(ctx: typer.Context, set_: list[str] | None) -> list[str]:
+    """``--set`` values and extra ``key=value`` arguments, in command-line order."""
+    bad = [a for a in ctx.args if "=" not in a]
+    if bad:
+        raise _fail(f"unexpected argument(s) {bad}; overrides look like key=value")
+    return [*(set_ or []), *ctx.args]
 
 
 def _plain(text: str) -> None:
-    """Print a log line as is (no rich markup: ``[ttt-linear]`` is text, not a style tag)."""
+    """Print a line as is (no rich markup: ``[ttt-linear]`` is text, not a style tag)."""
     console.print(text, markup=False, highlight=False)
 
 
@@ -64,126 +106,25 @@ def _finite(x: float | None) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
 
 
-# ----------------------------------------------------------------------------------------------------
-# ttt eval
-# ----------------------------------------------------------------------------------------------------
+DEVICE_HELP = "auto (CUDA if available, else CPU), cpu, cuda or cuda:N."
 
 
-@app.command("eval")
-def eval_cmd(
-    path: Path | None = typer.Argument(
-        None, help="Saved HF model directory, run directory or checkpoint directory."
-    ),
-    arch: str | None = typer.Option(
-        None, help="Evaluate a freshly initialised registry model of this architecture instead of PATH."
-    ),
-    size: str = typer.Option("tiny", help="Registry size for --arch."),
-    data: str | None = typer.Option(
-        None, help="Corpus (path / source for ttt.data.load_documents); default: the run's corpus "
-        "(required for a model without a training run; --arch: Shakespeare)."
-    ),
-    tokenizer: str | None = typer.Option(
-        None, help="Tokenizer ('byte', a tokenizer folder or Hub name) for a model saved without one; "
-        "a model's own tokenizer is always used."
-    ),
-    seq_len: int | None = typer.Option(None, help="Window length (default: the run's context, else 512)."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
-    max_windows: int | None = typer.Option(64, help="Evaluate at most this many windows (0: all)."),
-    buckets: int = typer.Option(32, help="Buckets of the loss-by-position curve."),
-    out: Path = typer.Option(Path("eval"), help="Output directory for eval.json and loss_by_position.png."),
-    device: str = typer.Option("cpu", help="torch device."),
-    lm_eval: str | None = typer.Option(
-        None, "--lm-eval", help="Comma-separated lm-evaluation-harness tasks: run them on PATH (exported "
-        "first if it is a run) with lm_eval's hf model instead of the loss evaluation."
-    ),
-    lm_eval_include: Path | None = typer.Option(
-        None, "--lm-eval-include", help="Folder of extra lm-eval task YAML files (e.g. local tasks)."
-    ),
-    limit: int | None = typer.Option(None, help="--lm-eval: at most this many examples per task."),
-) -> None:
-    """Validation loss, perplexity, bits per byte and loss by position (JSON + PNG), or lm-eval tasks."""
-    from ttt.evaluation import EvaluationError, evaluate
-    from ttt.evaluation.loading import ModelLoadError, TokenizerMismatch, load_model, resolve_tokenizer
-    from ttt.evaluation.plots import plot_loss_by_position
-    from ttt.evaluation.study_data import DataUnavailable, eval_data
+def _at_least(**values: tuple[int | None, int]) -> None:
+    """``name=(value, minimum)``: a one-line error for the first option below its minimum (None: unset)."""
+    for name, (value, low) in values.items():
+        if value is not None and value < low:
+            raise _fail(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
-    if (path is None) == (arch is None):
-        raise _fail("give exactly one of PATH (a saved model or run) or --arch")
-    if lm_eval is not None:
-        if path is None:
-            raise _fail("--lm-eval evaluates a saved model or run: give PATH")
-        return _lm_eval(path, lm_eval, lm_eval_include, limit, batch_size, device, out)
-    run_cfg: dict[str, Any] = {}
-    tok = None
-    tok_spec = tokenizer
-    if path is not None:
-        try:
-            loaded = load_model(path, device=device)
-            tok, tok_spec = resolve_tokenizer(loaded, tokenizer)
-        except (ModelLoadError, TokenizerMismatch) as e:
-            raise _fail(str(e)) from None
-        model, run_cfg, name = loaded.model, loaded.run_config, str(path)
-        if data is None and not run_cfg:
-            raise _fail(f"{path} has no training run to take the evaluation corpus from; pass --data")
+
+def _writable_dir(path: Path, option: str) -> None:
+    """Create ``path`` (an output directory) now, so an unusable one fails before any work."""
     try:
-        bundle = eval_data(source=data, tokenizer=tok_spec, loaded_tokenizer=None, run_config=run_cfg)
-    except (DataUnavailable, ValueError, FileNotFoundError) as e:
-        raise _fail(str(e)) from None
-    from ttt.data.tokenizer import describe_tokenizer, tokenizer_fingerprint
-
-    if tok is not None and tokenizer_fingerprint(tok) != tokenizer_fingerprint(bundle.tokenizer):
-        raise _fail(f"the evaluation data was tokenized with a different tokenizer than {path}'s own")
-    if arch is not None:
-        from ttt.evaluation.compare import UnknownArch, build_arch
-
-        try:
-            model = build_arch(arch, size, vocab_size=len(bundle.tokenizer), max_seq_len=seq_len or 512)
-        except UnknownArch as e:
-            raise _fail(str(e)) from None
-        model = model.to(device)
-        name = f"{arch} ({size}, untrained)"
-    seq_len = seq_len or int(bundle.seq_len or 512)
-    try:
-        res = evaluate(
-            model,
-            bundle.val,
-            seq_len,
-            batch_size=batch_size,
-            max_windows=max_windows or None,
-            num_buckets=buckets,
-            tokenizer=bundle.tokenizer,
-        )
-    except EvaluationError as e:
-        raise _fail(str(e)) from None
-    tok_info = describe_tokenizer(bundle.tokenizer, str(tok_spec or "byte"))
-    res.extra.update(
-        {"model": name, "tokenizer": tok_info, "corpus": {"source": bundle.source, "split": "validation"},
-         "data": data or bundle.source, "params": sum(p.numel() for p in model.parameters())}
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "eval.json", res.to_dict())
-    plot = plot_loss_by_position({name: res}, out / "loss_by_position.png")
-    _plain(
-        f"model {name} | tokenizer {tok_info['source']} ({tok_info['kind']}, "
-        f"{tok_info['vocab_size']} tokens, "
-        f"sha256 {tok_info['sha256']}) | corpus {bundle.source} (validation split) | "
-        f"{res.num_windows} windows x {res.seq_len} tokens = {res.num_tokens} scored tokens"
-    )
-    console.print(
-        f"loss {res.loss:.4f} nats/token | ppl {res.perplexity:.3f} | "
-        f"bits/byte {_finite(res.bits_per_byte)} | "
-        f"first/last quarter {res.first_quarter_loss:.4f}/{res.last_quarter_loss:.4f} | "
-        f"{res.num_windows} windows x {res.seq_len} tokens"
-    )
-    console.print(f"wrote {out / 'eval.json'} and {plot}")
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write JSON via a temporary file and a rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    tmp.replace(path)
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".ttt-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise _fail(f"cannot write to {option} {str(path)!r}: {e.strerror or e}") from None
 
 
 def _lm_eval(path: Path, tasks: str, include: Path | None, limit: int | None, batch_size: int, device: str,
@@ -191,7 +132,8 @@ def _lm_eval(path: Path, tasks: str, include: Path | None, limit: int | None, ba
     """``ttt eval --lm-eval``: lm-evaluation-harness tasks on PATH (a run is exported to a temporary dir)."""
     import tempfile
 
-    from ttt.export import ExportError, export_run, lm_eval_tasks
+    from ttt.export import export_run, lm_eval_tasks
+    from ttt.util.files import atomic_write_json
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     if not task_list:
@@ -201,20 +143,14 @@ def _lm_eval(path: Path, tasks: str, include: Path | None, limit: int | None, ba
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = path
         if not (path / "config.json").is_file():
-            try:
-                export_run(path, Path(tmp) / "model")
-            except ExportError as e:
-                raise _fail(str(e)) from None
+            export_run(path, Path(tmp) / "model")
             model_dir = Path(tmp) / "model"
-        try:
-            results = lm_eval_tasks(model_dir, task_list, include=include, limit=limit, batch_size=batch_size,
-                                    device=device)
-        except ExportError as e:
-            raise _fail(str(e)) from None
+        results = lm_eval_tasks(model_dir, task_list, include=include, limit=limit, batch_size=batch_size,
+                                device=device)
     from lm_eval.utils import make_table
 
     results["ttt"] = {"model": str(path), "tasks": task_list, "limit": limit}
-    _write_json(out / "lm_eval.json", results)
+    atomic_write_json(out / "lm_eval.json", results)
     _plain(f"model {path} | lm-eval tasks {', '.join(task_list)} | samples per task: "
            + ", ".join(f"{k}={v.get('effective', v) if isinstance(v, dict) else v}"
                        for k, v in (results.get("n-samples") or {}).items()))
@@ -228,6 +164,7 @@ def _lm_eval(path: Path, tasks: str, include: Path | None, limit: int | None, ba
 
 
 @app.command("export")
+@command
 def export_cmd(
     run: Path = typer.Argument(..., help="Run directory (its latest checkpoint) or checkpoint directory."),
     out: Path = typer.Argument(..., help="Directory to write the Hugging Face model to."),
@@ -238,12 +175,9 @@ def export_cmd(
 
     Load it anywhere with AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True).
     """
-    from ttt.export import ExportError, export_run
+    from ttt.export import export_run
 
-    try:
-        res = export_run(run, out, step=step, overwrite=overwrite)
-    except ExportError as e:
-        raise _fail(str(e)) from None
+    res = export_run(run, out, step=step, overwrite=overwrite)
     val = "-" if res.val_loss is None else f"{res.val_loss:.4f}"
     _plain(f"exported {res.checkpoint} (step {res.step}, {res.tokens} tokens, val loss {val}) to {res.out}")
 
@@ -254,46 +188,150 @@ def export_cmd(
 
 
 @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@command
 def train_cmd(
     ctx: typer.Context,
     config: str | None = typer.Argument(
-        None, help="YAML config file or shipped config name (e.g. tiny); default: the built-in defaults."
+        None, help="YAML config file or shipped config name (e.g. tiny); with --resume also a run directory."
     ),
     set_: list[str] | None = typer.Option(
-        None, "--set", "-s", help="Dotted override section.key=value (repeatable), e.g. -s optim.lr=1e-3."
+        None, "--set", "-s", help="Dotted override section.key=value (repeatable); also as plain arguments."
     ),
-    resume: bool = typer.Option(False, "--resume", help="Resume from the newest checkpoint of the run."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run from its newest checkpoint, with its saved config.yaml; "
+        "overrides may only change keys like train.steps (see docs/training.md)."
+    ),
+    resume_from: Path | None = typer.Option(
+        None, "--resume-from", help="Start this run from a checkpoint (or run directory) of another run; the "
+        "config must match the checkpoint's but for the keys that may change on resume."
+    ),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ) -> None:
-    """Train a model with the trainer: config file + dotted overrides (e.g. ttt train tiny optim.lr=1e-3)."""
-    bad = [a for a in ctx.args if "=" not in a]
-    if bad:
-        raise _fail(f"unexpected arguments {bad}; overrides look like section.key=value")
-    overrides = list(set_ or []) + list(ctx.args)
-    try:
-        from ttt.training import Trainer, load_config
-        from ttt.training.config import ConfigError
-    except ImportError as e:
-        raise _fail(f"the trainer (ttt.training) is not available: {e}") from None
-    try:
-        cfg = load_config(config, overrides)
-    except ConfigError as e:
-        raise _fail(f"bad configuration: {e}") from None
-    trainer = _make_trainer(Trainer, cfg, resume)
-    result = trainer.fit()
-    console.print(f"training finished; run directory: {cfg.run_path()}")
-    if isinstance(result, dict):
-        console.print_json(json.dumps(result, default=_json_default))
+    """Train a model: config + dotted overrides (ttt train tiny optim.lr=1e-3 train.steps=500)."""
+    from ttt.training import Trainer, load_config, resume_config
+    from ttt.training.config import print_config as config_yaml
+
+    overrides = _overrides(ctx, set_)
+    if config is not None and "=" in config:  # only overrides were given
+        config, overrides = None, [config, *overrides]
+    if resume and resume_from is not None:
+        raise _fail("give --resume (this run) or --resume-from PATH (another run's checkpoint), not both")
+    cfg = resume_config(config, overrides) if resume else load_config(config, overrides)
+    if print_config:
+        _plain(config_yaml(cfg).rstrip())
+        return
+    summary = Trainer(cfg, resume=True if resume else resume_from).fit()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    console.print_json(json.dumps(summary, default=str))
+    if summary["stop_reason"] == "signal":
+        err_console.print(f"interrupted at step {summary['steps']}; saved {summary['checkpoint']}; "
+                          f"continue with: ttt train {summary['run_dir']} --resume", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
-def _make_trainer(trainer_cls: Any, cfg: Any, resume: bool) -> Any:
-    """``Trainer(cfg, resume=...)`` if the trainer takes the flag, else ``Trainer(cfg)``."""
-    import inspect
+# ----------------------------------------------------------------------------------------------------
+# ttt eval
+# ----------------------------------------------------------------------------------------------------
 
-    if "resume" in inspect.signature(trainer_cls).parameters:
-        return trainer_cls(cfg, resume=resume)
-    if resume:
-        raise _fail("this trainer has no resume option")
-    return trainer_cls(cfg)
+
+@app.command("eval")
+@command
+def eval_cmd(
+    path: Path | None = typer.Argument(
+        None, help="Saved HF model directory, run directory or checkpoint directory."
+    ),
+    arch: str | None = typer.Option(
+        None, help="Evaluate a freshly initialised registry model of this architecture instead of PATH."
+    ),
+    size: str = typer.Option("tiny", help="Model size for --arch."),
+    data: str | None = typer.Option(
+        None, help="Corpus (a source of ttt.data.load_documents, or a directory of `ttt data prepare`); "
+        "default: the run's corpus (required for a model without a training run; --arch: Shakespeare)."
+    ),
+    tokenizer: str | None = typer.Option(
+        None, help="Tokenizer ('byte', a tokenizer folder or Hub name) for a model saved without one; "
+        "a model's own tokenizer is always used."
+    ),
+    seq_len: int | None = typer.Option(None, help="Window length (default: the run's context, else 512)."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    max_windows: int | None = typer.Option(64, help="Evaluate at most this many windows (0: all)."),
+    buckets: int = typer.Option(32, help="Buckets of the loss-by-position curve."),
+    out: Path | None = typer.Option(
+        None, help="Output directory for eval.json and loss_by_position.png (default: PATH/eval for a run "
+        "or model, runs/eval-ARCH-SIZE for --arch)."
+    ),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    lm_eval: str | None = typer.Option(
+        None, "--lm-eval", help="Comma-separated lm-evaluation-harness tasks: run them on PATH (exported "
+        "first if it is a run) with lm_eval's hf model instead of the loss evaluation."
+    ),
+    lm_eval_include: Path | None = typer.Option(
+        None, "--lm-eval-include", help="Folder of extra lm-eval task YAML files (e.g. local tasks)."
+    ),
+    limit: int | None = typer.Option(None, help="--lm-eval: at most this many examples per task."),
+) -> None:
+    """Validation loss, perplexity, bits per byte and loss by token position (JSON + PNG), or lm-eval
+    tasks."""
+    from ttt.data.tokenizer import describe_tokenizer, tokenizer_fingerprint
+    from ttt.evaluation import evaluate
+    from ttt.evaluation.loading import load_model, resolve_tokenizer, run_data
+    from ttt.evaluation.plots import plot_loss_by_position
+    from ttt.models.registry import build_model, check_arch
+    from ttt.util.device import pick_device
+    from ttt.util.files import atomic_write_json
+
+    if (path is None) == (arch is None):
+        raise _fail("give exactly one of PATH (a saved model or run) or --arch")
+    _at_least(seq_len=(seq_len, 2), batch_size=(batch_size, 1), max_windows=(max_windows, 0),
+              buckets=(buckets, 1), limit=(limit, 1))
+    dev = pick_device(device)
+    if lm_eval is not None:
+        if path is None:
+            raise _fail("--lm-eval evaluates a saved model or run: give PATH")
+        out = out or path / "eval"
+        _writable_dir(out, "--out")
+        return _lm_eval(path, lm_eval, lm_eval_include, limit, batch_size, str(dev), out)
+    run_cfg: dict[str, Any] = {}
+    tok, tok_spec = None, tokenizer
+    if path is not None:
+        loaded = load_model(path, device=dev)
+        tok, tok_spec = resolve_tokenizer(loaded, tokenizer)
+        model, run_cfg, name = loaded.model, loaded.run_config, str(path)
+        if data is None and not run_cfg:
+            raise _fail(f"{path} has no training run to take the evaluation corpus from; pass --data")
+        out = out or (loaded.run_dir or loaded.model_dir) / "eval"
+    if out is not None:
+        _writable_dir(out, "--out")
+    bundle = run_data(run_cfg, source=data, tokenizer=tok_spec)
+    if tok is not None and tokenizer_fingerprint(tok) != tokenizer_fingerprint(bundle.tokenizer):
+        raise _fail(f"the evaluation data was tokenized with a different tokenizer than {path}'s own")
+    tok = bundle.tokenizer
+    if arch is not None:
+        try:
+            check_arch(arch)
+            model = build_model(arch, size, vocab_size=len(tok), max_seq_len=seq_len or 512).to(dev)
+        except ValueError as e:
+            raise _fail(str(e)) from None
+        name, out = f"{arch} ({size}, untrained)", out or Path("runs") / f"eval-{arch}-{size}"
+        _writable_dir(out, "--out")
+    seq_len = seq_len or int((run_cfg.get("data") or {}).get("seq_len") or 512)
+    res = evaluate(model, bundle.val, seq_len, batch_size=batch_size, max_windows=max_windows or None,
+                   num_buckets=buckets, tokenizer=tok)
+    tok_info = describe_tokenizer(tok, str(tok_spec or "byte"))
+    res.extra.update({"model": name, "tokenizer": tok_info,
+                      "corpus": {"source": bundle.source, "split": "validation"}, "data": bundle.source,
+                      "params": model.num_parameters()})
+    atomic_write_json(out / "eval.json", res.to_dict())
+    plot = plot_loss_by_position({name: res}, out / "loss_by_position.png")
+    _plain(f"model {name} | tokenizer {tok_info['source']} ({tok_info['kind']}, {tok_info['vocab_size']} "
+           f"tokens, sha256 {tok_info['sha256']}) | corpus {bundle.source} (validation split) | "
+           f"{res.num_windows} windows x {res.seq_len} tokens = {res.num_tokens} scored tokens")
+    _plain(f"loss {res.loss:.4f} nats/token | ppl {res.perplexity:.3f} | "
+           f"bits/byte {_finite(res.bits_per_byte)} | "
+           f"first/last quarter {res.first_quarter_loss:.4f}/{res.last_quarter_loss:.4f} | "
+           f"{res.num_windows} windows x {res.seq_len} tokens")
+    _plain(f"wrote {out / 'eval.json'} and {plot}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -302,6 +340,7 @@ def _make_trainer(trainer_cls: Any, cfg: Any, resume: bool) -> Any:
 
 
 @app.command("generate")
+@command
 def generate_cmd(
     path: Path = typer.Argument(..., help="Saved HF model directory, run directory or checkpoint directory."),
     prompt: str = typer.Option("ROMEO:", "--prompt", "-p", help="Text to continue."),
@@ -313,28 +352,18 @@ def generate_cmd(
     tokenizer: str | None = typer.Option(
         None, help="Tokenizer ('byte', a tokenizer folder) for a model saved without one."
     ),
-    device: str = typer.Option("cpu", help="torch device."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Generate text from a saved model (with its own tokenizer), streaming it to the terminal."""
-    from ttt.evaluation.generation import generate_text
-    from ttt.evaluation.loading import ModelLoadError, TokenizerMismatch, load_model, resolve_tokenizer
+    from ttt.evaluation.generation import check_sampling, generate_text
+    from ttt.evaluation.loading import load_model, resolve_tokenizer
+    from ttt.util.device import pick_device
 
-    try:
-        loaded = load_model(path, device=device)
-        tok, _ = resolve_tokenizer(loaded, tokenizer)
-    except (ModelLoadError, TokenizerMismatch) as e:
-        raise _fail(str(e)) from None
-    generate_text(
-        loaded.model,
-        tok,
-        prompt,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stream=True,
-    )
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    loaded = load_model(path, device=pick_device(device))
+    tok, _ = resolve_tokenizer(loaded, tokenizer)
+    generate_text(loaded.model, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                  top_k=top_k, top_p=top_p, seed=seed, stream=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -343,34 +372,30 @@ def generate_cmd(
 
 
 @app.command("compare", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@command
 def compare_cmd(
     ctx: typer.Context,
     archs: str | None = typer.Option(
         None, help="Comma-separated architectures (ttt-linear, ttt-mlp, transformer, mamba, mamba2)."
     ),
-    preset: str = typer.Option("demo", help="Study preset: demo (CPU, ~15 min), tiny (tests), ..."),
+    preset: str = typer.Option("demo", help="Study preset: demo (CPU, ~15 min), full, smoke (seconds)."),
     out: Path | None = typer.Option(None, help="Report directory (default: runs/compare-<preset>)."),
     set_: list[str] | None = typer.Option(
-        None, "--set", "-s", help="Override a preset field key=value (repeatable), e.g. -s train_tokens=2e6."
+        None, "--set", "-s", help="Study setting key=value (repeatable), e.g. -s train_tokens=2_000_000."
     ),
+    device: str | None = typer.Option(None, help=f"{DEVICE_HELP} Default: the preset's (auto)."),
     fresh: bool = typer.Option(False, help="Ignore finished runs in --out and train everything again."),
 ) -> None:
     """Train (or reuse) each architecture at matched size and tokens, then write report.md + plots + JSON."""
-    from ttt.evaluation.compare import STUDY_PRESETS, StudyError, run_study
+    from ttt.study import run_study, study_config
 
-    if preset not in STUDY_PRESETS:
-        raise _fail(f"unknown preset {preset!r}; choose from {sorted(STUDY_PRESETS)}")
-    overrides = _parse_overrides((set_ or []) + [a for a in ctx.args if "=" in a])
-    bad = [a for a in ctx.args if "=" not in a]
-    if bad:
-        raise _fail(f"unexpected arguments {bad}; overrides look like key=value")
+    overrides = _overrides(ctx, set_)
     if archs:
-        overrides["archs"] = [a.strip() for a in archs.split(",") if a.strip()]
-    out = out or Path("runs") / f"compare-{preset}"
-    try:
-        report = run_study(preset, out, overrides=overrides, fresh=fresh, log=_plain)
-    except StudyError as e:
-        raise _fail(str(e)) from None
+        overrides.append(f"archs=[{','.join(a.strip() for a in archs.split(',') if a.strip())}]")
+    if device:
+        overrides.append(f"device={device}")
+    cfg = study_config(preset, overrides)
+    report = run_study(cfg, out or Path("runs") / f"compare-{preset}", fresh=fresh, log=_plain)
     console.print()
     _plain(report.table_markdown)
     sample = report.results.get("sample") or {}
@@ -390,8 +415,9 @@ def compare_cmd(
 
 
 @app.command("mqar")
+@command
 def mqar_cmd(
-    preset: str = typer.Option("small", help="Sweep preset: tiny (seconds), small (minutes, CPU), default."),
+    preset: str = typer.Option("quick", help="Sweep preset: smoke (seconds), quick (minutes, CPU), default."),
     archs: str | None = typer.Option(None, help="Comma-separated architectures."),
     seq_lens: str | None = typer.Option(None, help="Comma-separated sequence lengths, e.g. 64,128,256,512."),
     widths: str | None = typer.Option(None, help="Comma-separated model widths."),
@@ -402,10 +428,11 @@ def mqar_cmd(
         None, help="Key-value pairs per sequence (default: seq_len // 16)."
     ),
     out: Path = typer.Option(Path("runs/mqar"), help="Output directory (mqar.json, mqar.md, mqar.png)."),
-    device: str = typer.Option("cpu", help="torch device."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Multi-query associative recall: accuracy per architecture, sequence length and width."""
-    from ttt.evaluation.mqar import ALL_ARCHS, MQAR_PRESETS, MQARConfig, mqar_table, run_mqar
+    from ttt.evaluation.mqar import MQAR_PRESETS, MQARConfig, mqar_table, run_mqar
+    from ttt.models.registry import ARCHS
 
     if preset not in MQAR_PRESETS:
         raise _fail(f"unknown preset {preset!r}; choose from {sorted(MQAR_PRESETS)}")
@@ -425,16 +452,110 @@ def mqar_cmd(
         if v is not None:
             fields[k] = v
     fields["device"] = device
-    unknown = [a for a in fields.get("archs", ALL_ARCHS) if a not in ALL_ARCHS]
+    unknown = [a for a in fields.get("archs", ARCHS) if a not in ARCHS]
     if unknown:
-        raise _fail(f"unknown architecture(s) {unknown}; choose from {list(ALL_ARCHS)}")
-    cfg = MQARConfig(**fields)
+        raise _fail(f"unknown architecture(s) {unknown}; choose from {list(ARCHS)}")
     try:
-        rows = run_mqar(cfg, out, log=_plain)
-    except ValueError as e:
+        rows = run_mqar(MQARConfig(**fields), out, log=_plain)
+    except ValueError as e:  # settings the generator cannot satisfy (e.g. too many pairs for seq_len)
         raise _fail(str(e)) from None
     _plain(mqar_table(rows))
-    console.print(f"wrote {out / 'mqar.md'}, {out / 'mqar.json'}, {out / 'mqar.png'}")
+    _plain(f"wrote {out / 'mqar.md'}, {out / 'mqar.json'}, {out / 'mqar.png'}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# ttt data prepare / ttt data info
+# ----------------------------------------------------------------------------------------------------
+
+data_app = typer.Typer(
+    name="data",
+    help="Prepare corpora: stream, split and tokenize them in parallel into sharded token files.",
+    no_args_is_help=True,
+)
+app.add_typer(data_app, name="data")
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished child processes."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+@data_app.command("prepare")
+@command
+def data_prepare_cmd(
+    source: str = typer.Argument(
+        ..., help="Corpus: text file, folder, glob, .jsonl, saved datasets folder, hf:NAME[:CONFIG][@SPLIT] "
+                  "or 'shakespeare'."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (created; resumed if interrupted)."),
+    tokenizer: str = typer.Option(
+        "byte", help="'byte', 'bpe' (trained on a sample), a saved tokenizer folder or a prepared directory."
+    ),
+    vocab_size: int | None = typer.Option(None, help="BPE vocabulary size (default 8192)."),
+    text_field: str = typer.Option("text", help="Text field of JSONL records / dataset rows."),
+    data_files: list[str] | None = typer.Option(
+        None, "--data-files",
+        help="data_files for hf: sources, e.g. hf:json --data-files 'c/*.jsonl' (repeatable).",
+    ),
+    streaming: bool = typer.Option(False, help="Load hf: sources in streaming mode."),
+    val_fraction: float = typer.Option(
+        0.05, help="Share of the text held out for validation (whole documents)."
+    ),
+    seed: int = typer.Option(0, help="Seed of the document-level split and of the BPE sample."),
+    workers: int | None = typer.Option(
+        None, help="Tokenizing processes (default: the CPU cores; 1: in-process)."
+    ),
+    shard_mb: float = typer.Option(32.0, help="MB of text per shard."),
+    bpe_sample_mb: float = typer.Option(256.0, help="MB of training text the BPE tokenizer is trained on."),
+) -> None:
+    """Stream SOURCE, split it by document, tokenize it in parallel into sharded token files under --out.
+
+    Give --out as data.source to `ttt train` / `ttt eval` afterwards; every run and rank reads it.
+    """
+    import time
+
+    from ttt.data.prepare import PrepareConfig, default_workers, prepare_corpus
+
+    files: str | list[str] | None = None
+    if data_files:
+        files = data_files[0] if len(data_files) == 1 else list(data_files)
+    cfg = PrepareConfig(source=source, text_field=text_field, data_files=files, streaming=streaming,
+                        tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed,
+                        workers=workers, shard_mb=shard_mb, bpe_sample_mb=bpe_sample_mb)
+    t0, cpu0, kids0 = time.perf_counter(), time.process_time(), _children_cpu()
+    try:
+        manifest = prepare_corpus(cfg, out, log=lambda msg: err_console.print(msg, markup=False,
+                                                                               highlight=False))
+    except OSError as e:  # an unwritable --out, a full disk, an unreadable file
+        raise _fail(str(e)) from None
+    seconds = time.perf_counter() - t0
+    cpu, kids = time.process_time() - cpu0, _children_cpu() - kids0
+    mb = manifest["source"]["num_bytes"] / 1e6
+    tok = manifest["tokenizer"]
+    _plain(f"prepared {out}: {manifest['source']['num_docs']} documents, {mb:.1f} MB of text, "
+           f"tokenizer {tok['spec']} ({tok['vocab_size']} tokens, {manifest['dtype']})")
+    for split, info in manifest["splits"].items():
+        _plain(f"  {split}: {info['num_docs']} documents, {info['num_tokens']} tokens, "
+               f"{len(info['shards'])} shards")
+    _plain(f"wall time of this command: {seconds:.1f} s ({mb / max(seconds, 1e-9):.1f} MB of text per "
+           f"second, {cfg.workers or default_workers()} worker(s))")
+    _plain(f"CPU time of the preparation: {cpu:.1f} s in this process, {kids:.1f} s in worker processes")
+
+
+@data_app.command("info")
+@command
+def data_info_cmd(path: Path = typer.Argument(..., help="A prepared directory.")) -> None:
+    """Print the manifest of a prepared directory (counts, tokenizer, split, shards)."""
+    from ttt.data import read_manifest
+
+    manifest = read_manifest(path)
+    summary = {k: v for k, v in manifest.items() if k != "splits"}
+    summary["splits"] = {s: {k: v for k, v in info.items() if k != "shards"} | {"shards": len(info["shards"])}
+                         for s, info in manifest["splits"].items()}
+    console.print_json(json.dumps(summary))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -442,17 +563,17 @@ def mqar_cmd(
 # ----------------------------------------------------------------------------------------------------
 
 
-@app.command(
-    "bench",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-)
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@command
 def bench_cmd(
     ctx: typer.Context,
     which: str = typer.Argument(
-        ..., help="layer | decode | train | backends | all (extra arguments go to the benchmark)."
+        ..., help="layer | decode | train | backends | prepare | gpu | all (later arguments: the "
+                  "benchmark's)."
     ),
 ) -> None:
-    """Speed benchmarks: ttt.benchmarks.{layer,decode,train}_speed; arguments after WHICH go to the benchmark.
+    """Speed benchmarks (ttt.benchmarks: layer, decode, train, backends, prepare, gpu); arguments after
+    WHICH go to the benchmark.
 
     Use -- to pass options the benchmark shares with this command: ttt bench layer -- --help.
     """
@@ -462,27 +583,13 @@ def bench_cmd(
     for n in names:
         if n not in BENCHMARKS:
             raise _fail(f"unknown benchmark {n!r}; choose from {[*BENCHMARKS, 'all']}")
-    missing = []
     for n in names:
-        module = f"ttt.benchmarks.{BENCHMARKS[n]}"
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as e:
-            missing.append(f"benchmark {n!r} is not available ({module} could not be imported: {e})")
-            if which != "all":
-                raise _fail(missing[-1]) from None
-            err_console.print(f"[yellow]skipping:[/] {missing[-1]}")
-            continue
-        if not hasattr(mod, "main"):
-            raise _fail(f"{module} has no main(argv) entry point")
         console.rule(f"benchmark: {n}")
-        mod.main(list(ctx.args))
-    if missing:
-        raise _fail(f"{len(missing)} of {len(names)} benchmarks were not available")
+        importlib.import_module(f"ttt.benchmarks.{BENCHMARKS[n]}").main(list(ctx.args))
 
 
-def main() -> None:  # pragma: no cover - console entry alias
-    """Run the app (``python -m ttt.cli``)."""
+def main() -> None:
+    """Run the app (``ttt`` and ``python -m ttt``)."""
     app()
 
 

@@ -16,8 +16,6 @@ without this package installed, so any Hugging Face tool (``lm_eval --model hf``
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,8 @@ from .evaluation.loading import (
     load_model,
     resolve_tokenizer,
 )
-from .models.training_run import find_training_checkpoint, read_meta, run_dir_of
+from .training.checkpoint import CheckpointError, checkpoint_dir, open_checkpoint
+from .util.files import atomic_dir
 
 
 class ExportError(ValueError):
@@ -144,21 +143,30 @@ def export_run(run: str | Path, out: str | Path, step: int | None = None, overwr
     from .models.remote_code import AUTO_MAP, write_remote_code
 
     run, out = Path(run).expanduser(), Path(out).expanduser()
-    try:
-        ckpt = find_training_checkpoint(run, step)
-    except FileNotFoundError as e:
-        raise ExportError(str(e)) from None
-    if ckpt is None:
+    if not run.is_dir() or not ((run / "meta.json").is_file() or (run / "checkpoints").is_dir()
+                                or run.name == "checkpoints"):
         raise ExportError(f"{run} is not a training run or checkpoint directory (expected checkpoints/ or "
                           "meta.json + model.safetensors)")
+    try:  # the trainer's `latest` rule; fields validated, every file's sha256 and the tokenizer verified
+        if step is not None and not (run / "meta.json").is_file():
+            target = checkpoint_dir(run.parent if run.name == "checkpoints" else run) / f"step_{step:08d}"
+            if not target.is_dir():
+                raise ExportError(f"run {run} has no checkpoint of step {step}")
+            opened = open_checkpoint(target)
+        else:
+            opened = open_checkpoint(run)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    if step is not None and opened.step != step:
+        raise ExportError(f"{opened.path} is the checkpoint of step {opened.step}, not {step}")
+    ckpt, meta = opened.path, opened.meta
     occupied = (out.is_dir() and any(out.iterdir())) or (out.exists() and not out.is_dir())
     if occupied and not overwrite:
         raise ExportError(f"{out} already exists; choose another directory or pass --overwrite")
-    meta = read_meta(ckpt)
     try:
         loaded = load_model(ckpt)
         tok, tok_source = resolve_tokenizer(loaded)
-    except (ModelLoadError, TokenizerMismatch, ValueError) as e:
+    except (ModelLoadError, TokenizerMismatch, CheckpointError, ValueError) as e:
         raise ExportError(str(e)) from None
     model = loaded.model
     is_ttt = isinstance(model, TTTForCausalLM)
@@ -175,7 +183,7 @@ def export_run(run: str | Path, out: str | Path, step: int | None = None, overwr
 
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id, use_cache=True)
-    run_dir = run_dir_of(ckpt)
+    run_dir = opened.run_dir
     run_config = loaded.run_config
     data = run_config.get("data") or {}
     info = {
@@ -186,11 +194,7 @@ def export_run(run: str | Path, out: str | Path, step: int | None = None, overwr
         "tokenizer": (data.get("config") or {}).get("tokenizer") or data.get("tokenizer") or "byte",
         "vocab": len(tok), "seq_len": data.get("seq_len") or meta.get("seq_len"), "remote_code": is_ttt,
     }
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         with torch.no_grad():
             model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
@@ -200,16 +204,6 @@ def export_run(run: str | Path, out: str | Path, step: int | None = None, overwr
                   "val_loss": info["val_loss"], "tokenizer_source": tok_source, "config": run_config}
         (tmp / EXPORT_RUN_FILE).write_text(json.dumps(record, indent=1, default=str))
         (tmp / "README.md").write_text(_model_card(info, yaml.safe_dump(run_config, sort_keys=False)))
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(out=out, checkpoint=ckpt, step=info["step"], tokens=info["tokens"],
                         val_loss=info["val_loss"])
 

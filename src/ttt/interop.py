@@ -1,4 +1,4 @@
-"""Interoperability with the official PyTorch port of TTT (parameter and config names of spec §9).
+"""Interoperability with the official PyTorch port of TTT (its parameter and config names).
 
 The official port stores a causal LM as ``model.embed_tokens.weight``, ``model.layers.{i}.<part>``,
 ``model.norm.weight`` and ``lm_head.weight``, with the TTT layer's parameters under
@@ -9,9 +9,9 @@ pre_conv, conv_kernel``.
 
 This project's :class:`~ttt.models.TTTForCausalLM` uses the same module names by design, so the mapping
 of names is the identity; what this module adds is the *checking*: the full list of expected names and
-shapes is derived from the config alone (:func:`official_param_shapes`, written from spec §9, not from
-our model), and loading fails with a clear message on missing or unexpected keys, shape mismatches, or
-an unknown ``ttt_layer_type``.
+shapes is derived from the config alone (:func:`official_param_shapes`, written from the port's
+naming, not from our model), and loading fails with a clear message on missing or unexpected keys,
+shape mismatches, or an unknown ``ttt_layer_type``.
 
 >>> sd, cfg = export_official(model)              # official naming
 >>> model2 = load_official(sd, cfg)                 # back into this project's model
@@ -30,7 +30,7 @@ from torch import Tensor
 from .models.configuration_ttt import TTT_LAYER_TYPES, TTTConfig
 from .models.modeling_ttt import TTTForCausalLM
 
-#: config fields of the official port (spec §9) and, for export, the extra ones it also writes
+#: config fields of the official port and, for export, the extra ones it also writes
 OFFICIAL_CONFIG_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "rms_norm_eps", "tie_word_embeddings", "rope_theta", "use_gate", "share_qk", "ttt_layer_type",
@@ -102,7 +102,7 @@ def config_to_official(config: TTTConfig) -> dict[str, Any]:
 
 
 def official_param_shapes(config: Mapping[str, Any] | Any) -> dict[str, tuple[int, ...]]:
-    """Every parameter name of the official port for ``config`` and its shape (spec §9).
+    """Every parameter name of the official port for ``config`` and its shape.
 
     ``lm_head.weight`` is listed even with tied embeddings (a torch state dict holds both names).
     """
@@ -196,7 +196,8 @@ def load_official(
     """Build a :class:`TTTForCausalLM` from an official-port state dict and config.
 
     Args:
-        state_dict: parameters named as in spec §9 (``lm_head.weight`` may be absent with tied embeddings).
+        state_dict: parameters named as in the official port (``lm_head.weight`` may be absent with tied
+            embeddings).
         config: the official config (dict, object, or path to ``config.json`` / its directory).
         dtype: parameter dtype of the model (default: fp32).
     """

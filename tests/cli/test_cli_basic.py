@@ -21,10 +21,9 @@ def test_help_everywhere(cmd: list[str]) -> None:
     assert "Usage" in res.output
 
 
-def test_mqar_tiny_end_to_end(tmp_path) -> None:
-    res = runner.invoke(
-        app, ["mqar", "--preset", "tiny", "--out", str(tmp_path), "--archs", "ttt-linear,transformer"]
-    )
+def test_mqar_smoke_end_to_end(tmp_path) -> None:
+    args = ["mqar", "--preset", "smoke", "--device", "cpu", "--out", str(tmp_path)]
+    res = runner.invoke(app, [*args, "--archs", "ttt-linear,transformer"])
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "mqar.json").read_text())
     assert {r["arch"] for r in data["rows"]} == {"ttt-linear", "transformer"}
@@ -35,7 +34,7 @@ def test_mqar_tiny_end_to_end(tmp_path) -> None:
 
 
 def test_mqar_unknown_arch_is_a_clear_error(tmp_path) -> None:
-    res = runner.invoke(app, ["mqar", "--preset", "tiny", "--out", str(tmp_path), "--archs", "lstm"])
+    res = runner.invoke(app, ["mqar", "--preset", "smoke", "--out", str(tmp_path), "--archs", "lstm"])
     assert res.exit_code == 2
     assert "unknown architecture" in res.output
 
@@ -50,10 +49,7 @@ def test_bench_dispatches_with_extra_args(monkeypatch) -> None:
     assert seen["argv"] == ["--steps", "2", "--arch", "x"]
 
 
-def test_bench_missing_or_unknown(monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "ttt.benchmarks.train_speed", None)  # import fails
-    res = runner.invoke(app, ["bench", "train"])
-    assert res.exit_code == 2 and "not available" in res.output
+def test_bench_unknown() -> None:
     res = runner.invoke(app, ["bench", "nope"])
     assert res.exit_code == 2 and "unknown benchmark" in res.output
 
@@ -69,7 +65,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path) -> None:
 
 def test_compare_unknown_arch_and_preset(tmp_path) -> None:
     res = runner.invoke(
-        app, ["compare", "--preset", "tiny", "--archs", "ttt-linear,gpt5", "--out", str(tmp_path)]
+        app, ["compare", "--preset", "smoke", "--archs", "ttt-linear,gpt5", "--out", str(tmp_path)]
     )
     assert res.exit_code == 2 and "unknown architecture" in res.output
     res = runner.invoke(app, ["compare", "--preset", "huge", "--out", str(tmp_path)])

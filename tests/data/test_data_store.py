@@ -21,13 +21,13 @@ def test_build_and_read(tmp_path: Path) -> None:
     docs = _docs()
     store = build_token_store(docs, byte_tokenizer(), tmp_path, split="train")
     assert isinstance(store.tokens, np.memmap) and store.tokens.dtype == np.uint16
-    assert store.num_docs == 4 and store.num_documents == 4
+    assert store.num_docs == 4 and len(store.documents()) == 4
     raw = [d.text.encode("utf-8") for d in docs]
     assert store.num_tokens == sum(len(r) for r in raw) == len(store)
     assert store.num_bytes == store.num_tokens and store.bytes_per_token == 1.0
     for i, r in enumerate(raw):
         assert bytes(store.doc(i).astype(np.uint8)) == r
-        assert np.array_equal(store.document(i), store.doc(i))
+        assert np.array_equal(store.documents()[i], store.doc(i))
     assert store.doc_offsets[0] == 0 and store.doc_offsets[-1] == store.num_tokens
     assert store.doc_names == [d.name for d in docs]
     assert list(store.doc_index([0, store.doc_offsets[1] - 1, store.doc_offsets[1]])) == [0, 0, 1]

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from eval_helpers import tiny_llama
-from safetensors.torch import save_file
 
 from ttt.evaluation.loading import ModelLoadError, find_model_dir, load_model
 from ttt.models.registry import build_model
+from ttt.training import checkpoint as C
 
 
 def _fake_checkpoint(run_dir, model, arch: str, step: int) -> None:
-    d = run_dir / "checkpoints" / f"step_{step:08d}"
-    d.mkdir(parents=True)
-    save_file(
-        {k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors")
-    )
-    meta = {"arch": arch, "model_config": model.config.to_dict(), "config": {"data": {"seq_len": 32}}}
-    (d / "meta.json").write_text(json.dumps(meta))
-    (run_dir / "checkpoints" / "latest").write_text(d.name + "\n")
+    """A trainer checkpoint of ``model`` written by the trainer's own writer."""
+    opt = torch.optim.AdamW(model.parameters())
+    meta = {"arch": arch, "size": "tiny", "model_config": model.config.to_dict(),
+            "config": {"data": {"seq_len": 32}}, "global_batch": 1, "seq_len": 32, "total_steps": step,
+            "tokens": 0}
+    trainer_state = {"step": step, "tokens": 0, "sampler": {}, "rng": C.rng_state()}
+    optim = C.optimizer_state_to_named(model, opt)
+    C.save_checkpoint(run_dir, step, model.state_dict(), optim, trainer_state, meta)
 
 
 def test_load_saved_hf_dir(tmp_path) -> None:

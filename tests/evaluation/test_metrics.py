@@ -104,14 +104,13 @@ def test_bucket_positions_and_token_losses_shapes() -> None:
     assert out.shape == (3, 9) and out.dtype == torch.float32
 
 
-def test_iter_documents_accepts_offsets_store() -> None:
-    class Store:
-        tokens = np.arange(10)
-        offsets = np.array([0, 4, 10])
+def test_iter_documents_of_a_token_store_and_of_arrays() -> None:
+    from ttt.data import TokenStore
 
-    docs = iter_documents(Store())
+    docs = iter_documents(TokenStore(np.arange(10), np.array([0, 4, 10])))
     assert [d.tolist() for d in docs] == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]
-    assert len(iter_documents(np.arange(5))) == 1
+    assert [d.dtype for d in docs] == [torch.long, torch.long]
+    assert [d.tolist() for d in iter_documents([np.arange(3), [5, 6]])] == [[0, 1, 2], [5, 6]]
 
 
 def test_unigram_baseline() -> None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from eval_helpers import llama_factory
 
-from ttt.evaluation.mqar import IGNORE, MQAR_PRESETS, MQARConfig, generate_mqar, mqar_table, run_mqar
+from ttt.data import IGNORE_INDEX
+from ttt.evaluation.mqar import MQAR_PRESETS, MQARConfig, generate_mqar, mqar_table, run_mqar
 
 
 def test_generate_mqar_structure() -> None:
@@ -19,7 +20,7 @@ def test_generate_mqar_structure() -> None:
         keys, vals = ids[r, 0 : 2 * p : 2], ids[r, 1 : 2 * p : 2]
         assert bool((keys >= 1).all() and (keys < V // 2).all()) and len(set(keys.tolist())) == p
         assert bool((vals >= V // 2).all() and (vals < V).all())
-        answers = (labels[r] != IGNORE).nonzero().flatten()
+        answers = (labels[r] != IGNORE_INDEX).nonzero().flatten()
         assert len(answers) == p and bool((answers >= 2 * p + 1).all())
         kv = dict(zip(keys.tolist(), vals.tolist()))
         for t in answers.tolist():
@@ -43,7 +44,8 @@ def test_generate_mqar_rejects_impossible_settings() -> None:
 
 
 def test_run_mqar_tiny_writes_table_json_plot(tmp_path) -> None:
-    cfg = MQARConfig(**{**MQAR_PRESETS["tiny"], "archs": ["a", "b"], "seq_lens": [16, 32], "num_kv_pairs": 2})
+    preset = MQAR_PRESETS["smoke"]
+    cfg = MQARConfig(**{**preset, "archs": ["a", "b"], "seq_lens": [16, 32], "num_kv_pairs": 2})
     rows = run_mqar(cfg, tmp_path, model_factory=llama_factory, log=None)
     assert len(rows) == 4 and all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     data = json.loads((tmp_path / "mqar.json").read_text())

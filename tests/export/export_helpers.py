@@ -12,10 +12,16 @@ from pathlib import Path
 import torch
 
 from ttt.data.corpus import Document, load_shakespeare
-from ttt.data.tokenizer import RUN_TOKENIZER_DIR, byte_tokenizer, save_tokenizer, train_bpe_tokenizer
+from ttt.data.tokenizer import (
+    RUN_TOKENIZER_DIR,
+    byte_tokenizer,
+    save_tokenizer,
+    tokenizer_fingerprint,
+    train_bpe_tokenizer,
+)
 from ttt.models.registry import build_model
 from ttt.training import load_config
-from ttt.training.checkpoint import save_checkpoint
+from ttt.training.checkpoint import rng_state, save_checkpoint, tokenizer_files
 
 SEQ_LEN = 32
 BPE_VOCAB = 300
@@ -56,8 +62,12 @@ def make_run(root: Path, tokenizer: str = "bpe", backbone: str = "mamba", steps:
         with torch.no_grad():
             model.lm_head.weight.mul_(1.01)
         meta = {"arch": "ttt-linear", "size": "tiny", "tokens": step * 64, "seq_len": SEQ_LEN,
-                "model_config": model.config.to_dict(), "config": cfg.to_dict()}
-        save_checkpoint(run, step, model.state_dict(), {}, {"step": step}, meta, keep=10)
+                "global_batch": 2, "total_steps": max(steps), "world_size": 1,
+                "model_config": model.config.to_dict(), "config": cfg.to_dict(),
+                "tokenizer_sha256": tokenizer_fingerprint(tok), "tokenizer_files": tokenizer_files(run)}
+        trainer_state = {"step": step, "tokens": step * 64, "sampler": {}, "rng": rng_state()}
+        save_checkpoint(run, step, model.state_dict(), {"state": {}, "param_groups": []}, trainer_state, meta,
+                        keep=10)
         records.append({"step": step, "tokens": step * 64, "split": "val", "loss": 5.0 - step})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return run

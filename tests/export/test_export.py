@@ -71,6 +71,11 @@ with torch.no_grad():
     logits = model(x).logits
     gen = model.generate(x, max_new_tokens=6, do_sample=False)
 torch.save({'logits': logits, 'gen': gen, 'ids': tok('ROMEO: hello').input_ids}, dst)
+# the compiled paths are off in the copy: the conv never tried to build, the builder is not bundled
+conv = [m for n, m in sys.modules.items()
+        if n.startswith('transformers_modules.') and n.endswith('.ops_conv')]
+assert conv and conv[0]._EXT == [] and conv[0]._extension() is None, conv
+assert not any(n.endswith('ops_extension') or n.endswith('_scan_cpp_scan') for n in sys.modules)
 """
     res = run_clean(code, str(out), str(tmp_path / "x.pt"), str(tmp_path / "got.pt"))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -142,3 +147,42 @@ def test_bundle_is_generated_from_the_package() -> None:
     assert body == original.split("class TTTRMSNorm", 1)[1]
     assert flat_name("ttt.ops.scan.torch_scan") == "ops_scan_torch_scan"
     assert "def resolve_backend" in files["ops_scan.py"].rsplit("exported model", 1)[1]
+
+    # the compiled conv / Triton decode are switched off by generated overrides, the builder is stubbed
+    assert "def _extension():" in files["ops_conv.py"].rsplit("exported model", 1)[1]
+    assert "def _fused_decoder(" in files["ops_decode.py"].rsplit("exported model", 1)[1]
+    assert "ops_extension.py" not in files and "from .ops_extension" not in files["ops_conv.py"]
+
+
+def test_bundle_generator_fails_loudly_when_a_hook_point_disappears(monkeypatch) -> None:
+    from ttt.models import remote_code
+
+    required, text = remote_code._OVERRIDES["ttt.ops.conv"]
+    monkeypatch.setitem(remote_code._OVERRIDES, "ttt.ops.conv", (("def _gone_hook(",), text))
+    with pytest.raises(remote_code.RemoteCodeError, match="_gone_hook"):
+        bundle_sources()
+    monkeypatch.setitem(remote_code._OVERRIDES, "ttt.ops.conv", (required, text))
+    monkeypatch.setitem(remote_code._STUBS, ("ttt.ops.decode", "ttt.ops.extension"), "x = 1\n")
+    with pytest.raises(remote_code.RemoteCodeError, match="no longer imports"):
+        bundle_sources()
+
+
+def test_changed_run_tokenizer_is_refused_by_checkpoint_checksums(tmp_path) -> None:
+    """The run's tokenizer files are covered by the checkpoint's checksums (meta.json tokenizer_files):
+    export / eval / generate refuse a run whose tokenizer changed after training."""
+    from ttt.training.checkpoint import CheckpointError, open_checkpoint
+
+    run = make_run(tmp_path, steps=(1,))
+    info = open_checkpoint(run)
+    assert set(info.meta["tokenizer_files"]) >= {"tokenizer.json", "tokenizer_config.json"}
+    assert len(info.meta["tokenizer_sha256"]) == 64
+    tok_file = run / "tokenizer" / "tokenizer.json"
+    tok_file.write_text(tok_file.read_text().replace('"ROMEO', '"JULIET', 1) + " ")
+    with pytest.raises(CheckpointError, match="tokenizer.json differs"):
+        open_checkpoint(run)
+    for args in (["export", str(run), str(tmp_path / "o")], ["eval", str(run), "--out", str(tmp_path / "e")],
+                 ["generate", str(run), "--prompt", "a", "--max-new-tokens", "2"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and "differs from the one this checkpoint was trained with" in res.output, (
+            args, res.output)
+        assert "Traceback" not in res.output

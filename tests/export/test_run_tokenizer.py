@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from export_helpers import corpus_documents
@@ -14,7 +15,7 @@ from ttt.training.config import ConfigError
 
 def _trainer(run: Path, tok, resume: Path | None) -> Trainer:
     trainer = Trainer(load_config("tiny", [f"train.run_dir={run}"]))
-    trainer.run_dir, trainer.tokenizer, trainer.resume_path = run, tok, resume
+    trainer.run_dir, trainer.data, trainer.resume_path = run, SimpleNamespace(tokenizer=tok), resume
     return trainer
 
 

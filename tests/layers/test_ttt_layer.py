@@ -12,6 +12,9 @@ import torch
 
 from ttt.layers import TTTMLP, TTTLayer, TTTLayerState, TTTLinear
 
+# every test here runs once per CPU scan backend (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("scan_backend")
+
 
 def assert_rel_close(a: torch.Tensor, b: torch.Tensor, tol: float, msg: str = "") -> None:
     """max|a - b| <= tol * max|b| (relative to the reference's scale)."""

@@ -11,6 +11,9 @@ from ttt_model_helpers import VOCAB
 from ttt.layers import TTTLayer
 from ttt.models import TTTCache
 
+# every test here runs once per CPU scan backend (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("scan_backend")
+
 ATOL = 1e-4
 
 

@@ -8,6 +8,9 @@ from ttt_model_helpers import VOCAB
 
 from ttt.models import CACHE_KEY, TTTCache
 
+# every test here runs once per CPU scan backend (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("scan_backend")
+
 ATOL = 1e-4
 
 

@@ -17,6 +17,9 @@ from ttt_model_helpers import VOCAB, build_model
 
 from ttt.models import CACHE_KEY, TTTCache, TTTForCausalLM, get_config
 
+# every test here runs once per CPU scan backend (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("scan_backend")
+
 PAD, EOS = 0, 1
 
 

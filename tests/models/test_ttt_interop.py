@@ -1,4 +1,4 @@
-"""ttt.interop: the official PyTorch port's state-dict / config naming (spec §9)."""
+"""ttt.interop: the official PyTorch port's state-dict / config naming."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from ttt.interop import (
     official_param_shapes,
     save_official,
 )
+
+# every test here runs once per CPU scan backend (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("scan_backend")
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -9,6 +9,9 @@ from ttt_model_helpers import VOCAB
 from ttt.models import CACHE_KEY, TTTCache
 from ttt.ops.layout import build_layout, document_starts, real_token_mask
 
+# every test here runs once per CPU scan backend (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("scan_backend")
+
 ATOL = 1e-4
 
 

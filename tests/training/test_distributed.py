@@ -3,6 +3,7 @@ between world sizes; SIGINT/SIGTERM save a checkpoint before exiting."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -55,7 +56,7 @@ def test_ddp_matches_single_process_and_checkpoints_cross_world_sizes(
     _close(train_losses(to_one), ref[2:])
     # world size 1 -> 2
     to_two = tmp_path / "to_two"
-    resume = f"--resume={single / 'checkpoints' / 'step_00000002'}"
+    resume = f"--resume-from={single / 'checkpoints' / 'step_00000002'}"
     run(["tiny", *tiny_overrides(to_two, data_cache, *COMMON), resume], nproc=2)
     _close(train_losses(to_two), ref[2:])
 
@@ -71,8 +72,8 @@ def test_fsdp2_matches_single_process(single: Path, tmp_path: Path, data_cache: 
     _close(train_losses(back), ref[2:])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_checkpoint_then_resumes(tmp_path: Path, data_cache: Path, sig: signal.Signals) -> None:
+def test_sigint_saves_checkpoint_then_resumes(tmp_path: Path, data_cache: Path) -> None:
+    """Ctrl-C in ``ttt train`` (SIGTERM is tested on ``ttt compare``, tests/cli/test_cli_behaviour.py)."""
     run_dir = tmp_path / "run"
     args = tiny_overrides(run_dir, data_cache, "model.arch=transformer", "train.steps=100000")
     proc = subprocess.Popen(
@@ -86,7 +87,7 @@ def test_signal_saves_checkpoint_then_resumes(tmp_path: Path, data_cache: Path, 
             if proc.poll() is not None:
                 raise AssertionError(f"trainer exited early: {proc.communicate()}")
             time.sleep(0.1)
-        proc.send_signal(sig)
+        proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -103,3 +104,52 @@ def test_signal_saves_checkpoint_then_resumes(tmp_path: Path, data_cache: Path, 
         resume=True,
     ).fit()
     assert summary["steps"] == saved + 1
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of a ``torchrun`` worker of the given rank (searched among the launcher's descendants)."""
+    todo = [launcher]
+    while todo:
+        pid = todo.pop()
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env and pid != launcher:
+            return pid
+        todo += [int(c) for c in children]
+    return None
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_job_with_a_clear_error(tmp_path: Path, data_cache: Path) -> None:
+    """SIGSTOP on rank 1: rank 0's next collective times out after dist.timeout_s and the job ends."""
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(run_dir, data_cache, "model.arch=transformer", "train.steps=100000",
+                          "dist.timeout_s=5")
+    proc = subprocess.Popen(launch(["tiny", *args], nproc=2), env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stopped = None
+    try:
+        deadline = time.time() + 180
+        while not ((run_dir / "metrics.jsonl").exists() and len(records(run_dir)) >= 2):
+            assert time.time() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        stopped = _rank_pid(proc.pid, 1)
+        assert stopped is not None
+        os.kill(stopped, signal.SIGSTOP)
+        t0 = time.time()
+        _, err = proc.communicate(timeout=150)
+        waited = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode != 0 and waited < 120, err[-3000:]
+    needle = "error: rank 0: a collective operation did not complete within dist.timeout_s=5 s"
+    assert needle in err, err[-3000:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ttt.models.registry import ARCHS, build_model, count_params, match_size, model_max_length
+from ttt.models.registry import ARCHS, build_model, match_size, model_max_length
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -22,10 +22,10 @@ def test_sizes_match_within_tolerance() -> None:
     for size in ("tiny", "mini", "small", "125m"):
         vocab = 32000 if size == "125m" else 256
         with torch.device("meta"):
-            ref = count_params(build_model("ttt-linear", size, vocab, 128), exclude_embeddings=True)
+            ref = build_model("ttt-linear", size, vocab, 128).num_parameters(exclude_embeddings=True)
         for arch in ("transformer", "mamba", "mamba2"):
             with torch.device("meta"):
-                n = count_params(build_model(arch, size, vocab, 128), exclude_embeddings=True)
+                n = build_model(arch, size, vocab, 128).num_parameters(exclude_embeddings=True)
             assert abs(n / ref - 1) < 0.03, (size, arch, n, ref)
 
 
@@ -37,14 +37,14 @@ def test_match_size_rules() -> None:
     # explicit target
     fields = match_size("transformer", "tiny", vocab_size=256, target_params=300_000)
     with torch.device("meta"):
-        n = count_params(build_model("transformer", "tiny", 256, 64, **fields), exclude_embeddings=True)
+        n = build_model("transformer", "tiny", 256, 64, **fields).num_parameters(exclude_embeddings=True)
     assert abs(n / 300_000 - 1) < 0.03
 
 
-def test_count_params_tied_and_embeddings() -> None:
+def test_parameter_counts_tied_and_embeddings() -> None:
     model = build_model("transformer", "tiny", vocab_size=256, max_seq_len=64)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied
-    full, body = count_params(model), count_params(model, exclude_embeddings=True)
+    full, body = model.num_parameters(), model.num_parameters(exclude_embeddings=True)
     assert full - body == 256 * 64
     assert full == sum(p.numel() for p in model.parameters())
 
@@ -56,7 +56,7 @@ def test_baseline_configs() -> None:
     assert model_max_length(build_model("ttt-linear", "tiny", 256, 64)) == float("inf")
     ttt = build_model("ttt-mlp", "tiny", 256, 64, backbone="mamba", mini_batch_size=8)
     assert ttt.config.ttt_layer_type == "mlp" and ttt.config.share_qk and ttt.config.mini_batch_size == 8
-    with pytest.raises(ValueError, match="unknown arch"):
+    with pytest.raises(ValueError, match="unknown architecture"):
         build_model("rwkv", "tiny", 256, 64)
     with pytest.raises(ValueError, match="unknown model size"):
         build_model("transformer", "giant", 256, 64)

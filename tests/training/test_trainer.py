@@ -81,11 +81,11 @@ def test_refuses_to_overwrite_and_bad_checkpoints(tmp_path: Path, data_cache: Pa
     # fresh run into a directory with checkpoints
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         Trainer(tiny_config(run, data_cache, "model.arch=transformer", "train.steps=4")).fit()
-    # another architecture
-    with pytest.raises(CheckpointError, match="is for arch 'transformer'"):
+    # another architecture: the saved config refuses it
+    with pytest.raises(ConfigError, match="changed model.arch: 'transformer' -> 'ttt-linear'"):
         Trainer(tiny_config(run, data_cache, "model.arch=ttt-linear", "train.steps=4"), resume=True).fit()
     # other shapes
-    with pytest.raises(CheckpointError, match="does not fit the model"):
+    with pytest.raises(ConfigError, match="changed model.overrides.intermediate_size"):
         Trainer(
             tiny_config(
                 run,
@@ -107,12 +107,14 @@ def test_refuses_to_overwrite_and_bad_checkpoints(tmp_path: Path, data_cache: Pa
     assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before
     # corrupt weights: clear error, file left as it is
     weights = ckpt / "model.safetensors"
+    good = weights.read_bytes()
     weights.write_bytes(b"garbage" * 10)
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt"):
         Trainer(tiny_config(run, data_cache, "model.arch=transformer", "train.steps=4"), resume=True).fit()
     assert weights.read_bytes() == b"garbage" * 10
-    (ckpt / "optimizer.pt").unlink()
-    with pytest.raises(CheckpointError, match="missing"):
+    weights.write_bytes(good)
+    (ckpt / "optimizer.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing optimizer.safetensors"):
         Trainer(tiny_config(run, data_cache, "model.arch=transformer", "train.steps=4"), resume=True).fit()
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         Trainer(tiny_config(tmp_path / "empty", data_cache, "train.steps=4"), resume=True).fit()
@@ -220,3 +222,15 @@ def test_bad_corpus_errors_before_training(tmp_path: Path, data_cache: Path) -> 
     assert not run.exists()
     with pytest.raises(ConfigError, match="valid keys of 'data'"):
         tiny_config(run, data_cache, "data.corpus=x")
+
+
+def test_check_compatible_names_arch_and_shape_differences(tmp_path: Path) -> None:
+    """The last guard on resume: the checkpoint's recorded arch and parameter shapes must fit the model."""
+    from ttt.training.checkpoint import check_compatible
+
+    meta = {"arch": "transformer", "size": "tiny", "param_shapes": {"w": [4, 8], "b": [8]}}
+    check_compatible(tmp_path, meta, "transformer", {"w": (4, 8), "b": (8,)})
+    with pytest.raises(CheckpointError, match="is for arch 'transformer'"):
+        check_compatible(tmp_path, meta, "mamba", {"w": (4, 8), "b": (8,)})
+    with pytest.raises(CheckpointError, match=r"missing c; w: checkpoint \(4, 8\) vs model \(4, 9\)"):
+        check_compatible(tmp_path, meta, "transformer", {"w": (4, 9), "b": (8,), "c": (1,)})

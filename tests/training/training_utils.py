@@ -58,9 +58,9 @@ def cli_env() -> dict[str, str]:
 
 
 def launch(args: list[str], nproc: int = 1) -> list[str]:
-    """Command line for ``python -m ttt.training ARGS`` (under torchrun when ``nproc > 1``)."""
+    """Command line for ``python -m ttt train ARGS`` (under torchrun when ``nproc > 1``)."""
     if nproc == 1:
-        return [sys.executable, "-m", "ttt.training", *args]
+        return [sys.executable, "-m", "ttt", "train", *args]
     return [
         sys.executable,
         "-m",
@@ -72,7 +72,8 @@ def launch(args: list[str], nproc: int = 1) -> list[str]:
         "--master_port",
         str(free_port()),
         "-m",
-        "ttt.training",
+        "ttt",
+        "train",
         *args,
     ]
 
@@ -86,3 +87,70 @@ def run(args: list[str], nproc: int = 1, timeout: float = 180) -> subprocess.Com
             f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
         )
     return proc
+
+
+# ----------------------------------------------------------------------------------------------------
+# kill -9 tests: a trainer in a child process (forkserver: torch is imported once), killed from outside or
+# killing itself at a chosen point of a checkpoint write
+CRASH_POINTS = ("tmp", "rename", "prune", "metrics")
+
+
+def _crash_at(point: str, nth: int) -> None:
+    """Make this process SIGKILL itself at the ``nth`` passage through ``point``:
+
+    * ``tmp``: after the model file of a checkpoint is written into its temporary directory;
+    * ``rename``: after ``step_N`` is renamed into place, before ``latest`` names it;
+    * ``prune``: before a directory is deleted (an old checkpoint renamed away by the pruning);
+    * ``metrics``: when the metric files are about to be rewritten on resume.
+    """
+    import shutil
+    import signal
+
+    from ttt.training import checkpoint as ckpt
+    from ttt.training import metrics
+
+    count = [0]
+
+    def hit() -> None:
+        count[0] += 1
+        if count[0] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def wrap(module: object, name: str, before: bool) -> None:
+        original = getattr(module, name)
+
+        def wrapped(*args: object, **kwargs: object) -> object:
+            if before:
+                hit()
+            out = original(*args, **kwargs)
+            if not before:
+                hit()
+            return out
+
+        setattr(module, name, wrapped)
+
+    if point == "tmp":
+        wrap(ckpt, "save_file", before=False)
+    elif point == "rename":
+        wrap(ckpt, "atomic_write_text", before=True)
+    elif point == "prune":
+        wrap(shutil, "rmtree", before=True)  # this child process only
+    elif point == "metrics":
+        wrap(metrics, "atomic_write_text", before=True)
+    else:
+        raise ValueError(point)
+
+
+def train_child(overrides: list[str], crash: tuple[str, int] | None = None) -> None:
+    """Child process: train (resuming the run's latest checkpoint when there is one), optionally crashing."""
+    import torch
+
+    from ttt.training.checkpoint import list_checkpoints
+
+    torch.set_num_threads(1)
+    if crash is not None:
+        _crash_at(*crash)
+    cfg = load_config("tiny", overrides)
+    from ttt.training import Trainer
+
+    Trainer(cfg, resume=True if list_checkpoints(cfg.run_path()) else None, log=None).fit()

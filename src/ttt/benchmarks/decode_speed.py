@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import CACHE_KEY, TTTCache, TTTForCausalLM
+from ..models import CACHE_KEY, TTTCache, registry
 from ..models.presets import get_config
 from .common import RESULTS_DIR, machine_info, markdown_table, sync, write_results
 
@@ -37,27 +37,11 @@ MODELS = ("ttt-linear", "ttt-mlp", "llama")
 
 def build_model(kind: str, preset: str, dtype: torch.dtype, device: str, max_len: int) -> nn.Module:
     """A randomly initialised model of the preset's size: TTT (linear / mlp) or Llama with the same shape."""
-    ttt_cfg = get_config(preset, ttt_layer_type="mlp" if kind == "ttt-mlp" else "linear")
-    if kind.startswith("ttt"):
-        model: nn.Module = TTTForCausalLM(ttt_cfg)
-    elif kind == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        cfg = LlamaConfig(
-            vocab_size=ttt_cfg.vocab_size,
-            hidden_size=ttt_cfg.hidden_size,
-            intermediate_size=ttt_cfg.intermediate_size,
-            num_hidden_layers=ttt_cfg.num_hidden_layers,
-            num_attention_heads=ttt_cfg.num_attention_heads,
-            num_key_value_heads=ttt_cfg.num_attention_heads,
-            max_position_embeddings=max(max_len, 2048),
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=True,
-        )
-        cfg._attn_implementation = "sdpa"
-        model = LlamaForCausalLM(cfg)
-    else:
+    if kind not in MODELS:
         raise ValueError(f"unknown model {kind!r}; choose from {MODELS}")
+    arch = "transformer" if kind == "llama" else kind
+    vocab = get_config(preset).vocab_size
+    model = registry.build_model(arch, preset, vocab, max(max_len, 2048), match=False)
     return model.to(device=device, dtype=dtype).eval()
 
 

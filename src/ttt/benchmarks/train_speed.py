@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ttt.benchmarks.common import RESULTS_DIR, machine_info, markdown_table, sync, time_fn, write_results
-from ttt.models.registry import ARCHS, build_model, count_params, match_size
+from ttt.models.registry import ARCHS, build_model
 
 DEFAULT_LENGTHS = (2048, 8192)
 
@@ -74,8 +74,7 @@ def prepare(
     from ttt.training.trainer import param_groups
 
     torch.manual_seed(0)
-    fields = match_size(arch, size, vocab_size=vocab_size, max_seq_len=seq_len)
-    model = build_model(arch, size, vocab_size, seq_len, match=False, **fields).to(device)
+    model = build_model(arch, size, vocab_size, seq_len).to(device)
     if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -89,8 +88,8 @@ def prepare(
         "seq_len": seq_len,
         "rows": rows,
         "tokens_per_step": rows * seq_len,
-        "params": count_params(model),
-        "params_non_embedding": count_params(model, exclude_embeddings=True),
+        "params": model.num_parameters(),
+        "params_non_embedding": model.num_parameters(exclude_embeddings=True),
     }
     return step, info
 

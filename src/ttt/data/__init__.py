@@ -1,8 +1,10 @@
-"""Corpora, tokenizers, token stores, packed rows and a resumable sampler (see docs/contracts.md)."""
+"""Corpora, tokenizers, token stores (single-file and prepared shards), packed rows and a resumable sampler
+(see docs/contracts.md)."""
 
 from .corpus import (
     Document,
     corpus_fingerprint,
+    iter_documents,
     load_documents,
     load_shakespeare,
     shakespeare_dir,
@@ -11,8 +13,10 @@ from .corpus import (
 )
 from .errors import DataError
 from .packing import IGNORE_INDEX, PackedRows, WindowRows, collate
-from .pipeline import DataBundle, DataConfig, check_config, check_seq_len, prepare_data
+from .pipeline import DataBundle, DataConfig, check_config, check_seq_len, open_prepared, prepare_data
+from .prepare import PrepareConfig, prepare_corpus
 from .sampler import ResumableSampler, epoch_permutation
+from .shards import ShardedTokens, ShardedTokenStore, is_prepared_dir, read_manifest
 from .store import TokenStore, build_token_store, store_key, token_dtype
 from .tokenizer import (
     EOS_TOKEN,
@@ -59,4 +63,12 @@ __all__ = [
     "token_dtype",
     "tokenizer_fingerprint",
     "train_bpe_tokenizer",
+    "iter_documents",
+    "open_prepared",
+    "PrepareConfig",
+    "prepare_corpus",
+    "ShardedTokens",
+    "ShardedTokenStore",
+    "is_prepared_dir",
+    "read_manifest",
 ]

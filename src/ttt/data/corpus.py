@@ -10,8 +10,11 @@ Sources understood by :func:`load_documents`:
   recursively, in sorted order (a folder written by ``datasets.Dataset.save_to_disk`` is loaded with
   ``datasets.load_from_disk`` instead, one document per record);
 * a glob pattern (``"corpus/*.txt"``): every matching file, as above;
-* ``"hf:NAME"``, ``"hf:NAME:CONFIG"``, optionally with ``"@SPLIT"``: ``datasets.load_dataset`` (needs
-  network access, or the Hugging Face cache).
+* ``"hf:NAME"``, ``"hf:NAME:CONFIG"``, optionally with ``"@SPLIT"``: ``datasets.load_dataset`` (a
+  dataset in the Hugging Face cache, a local dataset folder, or a packaged builder such as ``hf:json`` /
+  ``hf:text`` / ``hf:parquet`` with local ``data_files``; optionally ``streaming``).
+
+:func:`iter_documents` streams the documents one at a time; :func:`load_documents` is its list.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import hashlib
 import importlib.resources
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,8 +115,7 @@ def _read_text(path: Path) -> str:
         raise DataError(f"corpus file '{path}' is not UTF-8 text (bad byte at offset {e.start})") from None
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[Document]:
-    docs = []
+def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
     with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -135,15 +137,29 @@ def _read_jsonl(path: Path, text_field: str) -> list[Document]:
                 raise DataError(
                     f"'{path}' line {lineno}: field '{text_field}' holds {type(text).__name__}, not a string"
                 )
-            docs.append(Document(f"{path.name}:{lineno}", text))
-    return docs
+            yield Document(f"{path.name}:{lineno}", text)
 
 
-def _load_file(path: Path, text_field: str, base: Path | None = None) -> list[Document]:
+def _file_name(path: Path, base: Path | None) -> str:
+    return path.relative_to(base).as_posix() if base is not None else path.name
+
+
+def _iter_file(path: Path, text_field: str, base: Path | None = None) -> Iterator[Document]:
     if path.suffix.lower() in JSONL_SUFFIXES:
-        return _read_jsonl(path, text_field)
-    name = path.relative_to(base).as_posix() if base is not None else path.name
-    return [Document(name, _read_text(path))]
+        yield from _read_jsonl(path, text_field)
+    else:
+        yield Document(_file_name(path, base), _read_text(path))
+
+
+def _names_collide(files: Sequence[Path], base: Path | None) -> bool:
+    """Whether two of ``files`` would give documents equal names (then every name gets its index)."""
+    keys = []
+    for p in files:
+        if p.suffix.lower() in JSONL_SUFFIXES:
+            keys.append("jsonl\0" + p.name)  # names "<file name>:<line>"
+        elif p.stat().st_size:  # an empty text file gives no document
+            keys.append(_file_name(p, base))
+    return len(set(keys)) != len(keys)
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -152,38 +168,57 @@ def _is_saved_dataset(path: Path) -> bool:
     )
 
 
-def _records_to_documents(dataset: Any, text_field: str, where: str) -> list[Document]:
-    """Documents from a ``datasets.Dataset`` or ``DatasetDict`` (all splits, in order)."""
-    if hasattr(dataset, "column_names") and isinstance(dataset.column_names, dict):  # DatasetDict
-        docs: list[Document] = []
+_RECORD_BATCH = 1024
+
+
+def _iter_records(dataset: Any, text_field: str, where: str) -> Iterator[Document]:
+    """Documents of a ``datasets`` (Iterable)Dataset or (Iterable)DatasetDict, all splits in order,
+    read in batches (never the whole text column at once)."""
+    if isinstance(dataset, dict):  # DatasetDict / IterableDatasetDict: every split
         for split in dataset:
-            docs.extend(_records_to_documents(dataset[split], text_field, f"{where}[{split}]"))
-        return docs
-    columns = list(dataset.column_names)
-    if text_field not in columns:
+            yield from _iter_records(dataset[split], text_field, f"{where}[{split}]")
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and text_field not in columns:
         raise DataError(
-            f"dataset {where}: no text field '{text_field}' (columns: {columns}); "
+            f"dataset {where}: no text field '{text_field}' (columns: {list(columns)}); "
             "set the text field name with DataConfig.text_field"
         )
-    docs = []
-    for i, text in enumerate(dataset[text_field]):
-        if not isinstance(text, str):
-            raise DataError(f"dataset {where} record {i}: field '{text_field}' holds {type(text).__name__}")
-        docs.append(Document(f"{where}:{i}", text))
-    return docs
+    if columns is not None and hasattr(dataset, "select_columns"):
+        dataset = dataset.select_columns([text_field])
+    i = 0
+    for batch in dataset.iter(batch_size=_RECORD_BATCH):
+        if text_field not in batch:
+            raise DataError(f"dataset {where} record {i}: no text field '{text_field}' "
+                            f"(columns: {sorted(batch)}); set the text field name with DataConfig.text_field")
+        for text in batch[text_field]:
+            if not isinstance(text, str):
+                raise DataError(f"dataset {where} record {i}: field '{text_field}' holds "
+                                f"{type(text).__name__}")
+            yield Document(f"{where}:{i}", text)
+            i += 1
 
 
-def _load_hub(spec: str, text_field: str) -> list[Document]:
+def _records_to_documents(dataset: Any, text_field: str, where: str) -> list[Document]:
+    """Documents from a ``datasets.Dataset`` or ``DatasetDict`` (all splits, in order)."""
+    return list(_iter_records(dataset, text_field, where))
+
+
+def _load_hub(spec: str, data_files: Any = None, streaming: bool = False) -> Any:
     import datasets
 
     name, _, split = spec.partition("@")
     path, _, config = name.partition(":")
+    extra: dict[str, Any] = {}
+    if data_files is not None:
+        extra["data_files"] = data_files
+    if streaming:
+        extra["streaming"] = True
     try:
-        ds = datasets.load_dataset(path, config or None, split=split or None)
+        return datasets.load_dataset(path, config or None, split=split or None, **extra)
     except Exception as e:  # noqa: BLE001 - any failure (offline, unknown name) becomes a clear message
         raise DataError(f"could not load the Hugging Face dataset 'hf:{spec}' "
-                        f"(needs network or cache): {e}") from e
-    return _records_to_documents(ds, text_field, f"hf:{spec}")
+                        f"(needs network or cache, or local data_files): {e}") from e
 
 
 def _has_glob(source: str) -> bool:
@@ -200,56 +235,83 @@ def _collect_folder(path: Path) -> list[Path]:
     return sorted(files)
 
 
-def load_documents(source: str | Path | None = None, text_field: str = "text") -> list[Document]:
+def is_shakespeare(source: str | Path | None) -> bool:
+    """Whether ``source`` names the built-in Shakespeare corpus."""
+    return source is None or (isinstance(source, str) and source.strip().lower() in SHAKESPEARE_SOURCES)
+
+
+def _raw_documents(source: str | Path | None, text_field: str, data_files: Any,
+                   streaming: bool) -> tuple[Iterator[Document], bool]:
+    """(documents, whether their names must be made unique by prefixing the index)."""
+    if data_files is not None and not str(source or "").startswith("hf:"):
+        raise DataError(f"data_files applies to 'hf:' sources (e.g. 'hf:json'), not to {str(source)!r}")
+    if is_shakespeare(source):
+        return iter(load_shakespeare()), False
+    source_str = str(source)
+    if source_str.startswith("hf:"):
+        return _iter_records(_load_hub(source_str[3:], data_files, streaming), text_field, source_str), False
+    path = Path(source_str).expanduser()
+    if path.is_file():
+        return _iter_file(path, text_field), False
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            import datasets
+
+            return _iter_records(datasets.load_from_disk(str(path)), text_field, path.name), False
+        files = _collect_folder(path)
+        if not files:
+            raise DataError(
+                f"corpus folder '{path}' holds no text files "
+                f"(looked for {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)})"
+            )
+        return (d for f in files for d in _iter_file(f, text_field, base=path)), _names_collide(files, path)
+    if _has_glob(source_str):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"corpus pattern '{source_str}' matches no files")
+        return (d for f in files for d in _iter_file(f, text_field)), _names_collide(files, None)
+    raise DataError(
+        f"corpus path '{source_str}' does not exist (give a text file, a folder, a glob pattern, "
+        "a .jsonl file, a saved datasets folder, 'hf:NAME' for a Hugging Face dataset, or None for "
+        "the built-in Shakespeare corpus)"
+    )
+
+
+def iter_documents(source: str | Path | None = None, text_field: str = "text", data_files: Any = None,
+                   streaming: bool = False) -> Iterator[Document]:
+    """Stream the non-empty documents of a corpus, one at a time (see the module docstring).
+
+    Yields exactly what :func:`load_documents` returns, in the same order and with the same names,
+    without holding the corpus in memory (text files are read one at a time, JSONL line by line,
+    datasets in batches). ``data_files`` / ``streaming`` are passed to ``datasets.load_dataset`` for
+    ``hf:`` sources.
+
+    Raises:
+        DataError: as :func:`load_documents` (an empty corpus is not an error here).
+    """
+    docs, prefix = _raw_documents(source, text_field, data_files, streaming)
+    i = 0
+    for d in docs:
+        if d.text:
+            yield Document(f"{i}:{d.name}", d.text) if prefix else d
+            i += 1
+
+
+def load_documents(source: str | Path | None = None, text_field: str = "text", data_files: Any = None,
+                   streaming: bool = False) -> list[Document]:
     """Load a corpus as a list of documents (see the module docstring for the accepted sources).
 
-    Documents with empty text are dropped.
+    Documents with empty text are dropped; when two files would give equal document names (e.g. a glob
+    matching equal file names in different folders) every name is prefixed with the document's index.
 
     Raises:
         DataError: missing path, unreadable file, JSONL/dataset records without ``text_field``, or no
             (non-empty) documents at all.
     """
-    if source is None or (isinstance(source, str) and source.strip().lower() in SHAKESPEARE_SOURCES):
-        docs, where = load_shakespeare(), "the built-in Shakespeare corpus"
-    else:
-        source_str = str(source)
-        where = f"'{source_str}'"
-        if source_str.startswith("hf:"):
-            docs = _load_hub(source_str[3:], text_field)
-        else:
-            path = Path(source_str).expanduser()
-            if path.is_file():
-                docs = _load_file(path, text_field)
-            elif path.is_dir():
-                if _is_saved_dataset(path):
-                    import datasets
-
-                    docs = _records_to_documents(datasets.load_from_disk(str(path)), text_field, path.name)
-                else:
-                    files = _collect_folder(path)
-                    if not files:
-                        raise DataError(
-                            f"corpus folder '{path}' holds no text files "
-                            f"(looked for {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)})"
-                        )
-                    docs = [d for f in files for d in _load_file(f, text_field, base=path)]
-            elif _has_glob(source_str):
-                files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-                if not files:
-                    raise DataError(f"corpus pattern '{source_str}' matches no files")
-                docs = [d for f in files for d in _load_file(f, text_field)]
-            else:
-                raise DataError(
-                    f"corpus path '{source_str}' does not exist (give a text file, a folder, a glob pattern, "
-                    "a .jsonl file, a saved datasets folder, 'hf:NAME' for the Hugging Face Hub, or None for "
-                    "the built-in Shakespeare corpus)"
-                )
-    docs = [d for d in docs if d.text]
+    docs = list(iter_documents(source, text_field, data_files, streaming))
     if not docs:
+        where = "the built-in Shakespeare corpus" if is_shakespeare(source) else f"'{source}'"
         raise DataError(f"the corpus {where} holds no non-empty documents")
-    names = [d.name for d in docs]
-    if len(set(names)) != len(names):  # e.g. a glob matching files with equal names in different folders
-        docs = [Document(f"{i}:{d.name}", d.text) for i, d in enumerate(docs)]
     return docs
 
 

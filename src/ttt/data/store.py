@@ -136,21 +136,13 @@ class TokenStore:
         i %= self.num_docs
         return self.tokens[self.doc_offsets[i]:self.doc_offsets[i + 1]]
 
+    def documents(self) -> list[np.ndarray]:
+        """Every document's token ids (views)."""
+        return [self.doc(i) for i in range(self.num_docs)]
+
     def doc_index(self, position: int | np.ndarray) -> np.ndarray:
         """Document index holding each token position of the concatenated stream."""
         return np.searchsorted(self.doc_offsets, position, side="right") - 1
-
-    # aliases used by ttt.evaluation (``num_documents`` + ``document(i)``, ``offsets``)
-    @property
-    def num_documents(self) -> int:
-        return self.num_docs
-
-    def document(self, i: int) -> np.ndarray:
-        return self.doc(i)
-
-    @property
-    def offsets(self) -> np.ndarray:
-        return self.doc_offsets
 
     def __len__(self) -> int:
         return self.num_tokens

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -65,10 +65,49 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return _wrap(tok)
 
 
-def _iter_texts(documents: Sequence[Document], chunk_chars: int = 1 << 16) -> Iterator[str]:
+def _iter_texts(documents: Iterable[Document], chunk_chars: int = 1 << 16) -> Iterator[str]:
     for d in documents:  # long documents in pieces: bounded memory for the trainer's word counts
         for start in range(0, len(d.text), chunk_chars):
             yield d.text[start:start + chunk_chars]
+
+
+def _check_bpe_vocab(vocab_size: int | None) -> int:
+    min_vocab = NUM_BYTES + len(SPECIAL_TOKENS)
+    if vocab_size is None or int(vocab_size) <= min_vocab:
+        raise DataError(f"a BPE vocab_size must be larger than {min_vocab} (256 bytes + {EOS_TOKEN}), "
+                        f"got {vocab_size}")
+    return int(vocab_size)
+
+
+def train_bpe_from_documents(documents: Iterable[Document], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-2 style pre-tokenization, no prefix space) on a stream of
+    documents (consumed once, in pieces of 64k characters: the corpus is never held in memory).
+
+    Raises:
+        DataError: ``vocab_size`` not larger than the 256 bytes + special tokens, or no documents.
+    """
+    vocab_size = _check_bpe_vocab(vocab_size)
+    seen = [0]
+
+    def texts() -> Iterator[str]:
+        for piece in _iter_texts(documents):
+            seen[0] += 1
+            yield piece
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts(), trainer=trainer)
+    if not seen[0]:
+        raise DataError("cannot train a BPE tokenizer without documents")
+    return _wrap(tok)
 
 
 def train_bpe_tokenizer(documents: Sequence[Document], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -77,24 +116,10 @@ def train_bpe_tokenizer(documents: Sequence[Document], vocab_size: int) -> PreTr
     Raises:
         DataError: no documents, or ``vocab_size`` not larger than the 256 bytes + special tokens.
     """
-    min_vocab = NUM_BYTES + len(SPECIAL_TOKENS)
-    if vocab_size is None or int(vocab_size) <= min_vocab:
-        raise DataError(f"a BPE vocab_size must be larger than {min_vocab} (256 bytes + {EOS_TOKEN}), "
-                        f"got {vocab_size}")
+    _check_bpe_vocab(vocab_size)
     if not documents:
         raise DataError("cannot train a BPE tokenizer without documents")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=int(vocab_size),
-        min_frequency=2,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_iter_texts(documents), trainer=trainer)
-    return _wrap(tok)
+    return train_bpe_from_documents(documents, vocab_size)
 
 
 def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerFast:
@@ -212,27 +237,14 @@ RUN_TOKENIZER_DIR = "tokenizer"
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) -> Path:
-    """Write ``tokenizer`` with ``save_pretrained`` into ``directory`` atomically (write, then rename).
-
-    An existing folder is replaced only after the new one is complete.
+    """Write ``tokenizer`` with ``save_pretrained`` into ``directory`` atomically
+    (:func:`ttt.util.files.atomic_dir`): an existing folder is replaced only once the new one is complete.
     """
-    import os
-    import shutil
+    from ttt.util.files import atomic_dir
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tokenizer.save_pretrained(str(tmp))
-    if directory.exists():
-        old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
-    return directory
+    with atomic_dir(directory, replace=True) as tmp:
+        tokenizer.save_pretrained(str(tmp))
+    return Path(directory)
 
 
 def run_tokenizer(run_dir: str | Path) -> PreTrainedTokenizerFast | None:

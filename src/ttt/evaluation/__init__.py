@@ -1,5 +1,6 @@
-"""Evaluation of causal LMs (loss, perplexity, bits per byte, loss by position), plots, the comparison
-study (:mod:`ttt.evaluation.compare`) and the MQAR recall benchmark (:mod:`ttt.evaluation.mqar`)."""
+"""Evaluation of causal LMs: loss, perplexity, bits per byte and loss by position (:mod:`.metrics`),
+loading saved models and runs (:mod:`.loading`), text generation, the MQAR recall benchmark
+(:mod:`.mqar`) and plots."""
 
 from .metrics import (
     EvalResult,

@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+
+
+class GenerationError(ValueError):
+    """An invalid sampling parameter or size (the message names it)."""
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """Validate generation settings.
+
+    Raises:
+        GenerationError: ``max_new_tokens < 1``, ``temperature`` negative or not finite, ``top_k < 0``, or
+            ``top_p`` outside ``(0, 1]``.
+    """
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise GenerationError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k < 0:
+        raise GenerationError(f"top_k must be >= 0 (0: off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1] (1: off), got {top_p}")
 
 
 def generate_text(
@@ -22,7 +44,11 @@ def generate_text(
     """Continue ``prompt`` and return the new text (HF ``generate``; ``temperature <= 0`` is greedy).
 
     With ``stream=True`` the text is printed to stdout token by token (``transformers.TextStreamer``).
+
+    Raises:
+        GenerationError: invalid settings (:func:`check_sampling`).
     """
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     from transformers import TextStreamer
 
     torch.manual_seed(seed)

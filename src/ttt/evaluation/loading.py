@@ -5,22 +5,28 @@ Accepted paths:
 * a saved HF model directory (``config.json`` + weights; ``save_pretrained`` output), with or without
   tokenizer files: any causal LM class known to ``AutoModelForCausalLM`` (``import ttt.models``
   registers ``model_type="ttt"``);
-* a training run directory (``run_dir`` with ``checkpoints/``) or one checkpoint directory inside it: the
-  newest checkpoint that holds a saved model is used.
+* a training run directory (``run_dir`` with ``checkpoints/``) or one checkpoint directory inside it: a
+  run's checkpoint is picked by the trainer's ``latest`` rule (:func:`ttt.training.checkpoint.latest_state`),
+  and every trainer checkpoint is opened through :func:`ttt.training.checkpoint.open_checkpoint` (fields
+  validated, sha256 of every file verified, weights checked to be finite).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+
+from ttt.data import DataBundle, DataConfig, prepare_data
+from ttt.training.checkpoint import CheckpointError, latest_checkpoint, open_checkpoint, read_model_state
+from ttt.training.config import RUN_CONFIG
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-RUN_CONFIG_FILES = ("config.yaml", "train_config.yaml", "run_config.yaml", "config.json")
 
 
 EXPORT_RUN_FILE = "ttt_run.json"
@@ -56,71 +62,73 @@ def _is_train_checkpoint(p: Path) -> bool:
     return (p / "meta.json").is_file() and (p / "model.safetensors").is_file()
 
 
-def _step_key(p: Path) -> tuple[int, float]:
-    nums = re.findall(r"\d+", p.name)
-    return (int(nums[-1]) if nums else -1, p.stat().st_mtime)
-
-
 def find_model_dir(path: str | Path) -> tuple[Path, Path | None]:
     """Resolve ``path`` to ``(model_dir, run_dir)``.
 
     ``model_dir`` is a saved HF directory or a trainer checkpoint (``meta.json`` + ``model.safetensors``);
-    for a run directory it is the checkpoint named by ``checkpoints/latest`` (else the newest one).
+    for a run directory it is its latest checkpoint (:func:`ttt.training.checkpoint.latest_checkpoint`).
 
     Raises:
-        ModelLoadError: nothing loadable under ``path``.
+        ModelLoadError: nothing loadable under ``path``, or ``checkpoints/latest`` names a checkpoint that
+            does not exist.
     """
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelLoadError(f"no checkpoint or model directory at {str(p)!r}")
-    if _is_model_dir(p) or _is_train_checkpoint(p):
-        run_dir = p.parent.parent if p.parent.name == "checkpoints" else None
-        return p, run_dir
+    if _is_model_dir(p) or _is_train_checkpoint(p) or (p.parent.name == "checkpoints" and p.is_dir()):
+        return p, (p.parent.parent if p.parent.name == "checkpoints" else None)
     run_dir = p.parent if p.name == "checkpoints" else p
-    ckpt_root = run_dir / "checkpoints"
-    latest = ckpt_root / "latest"
-    if latest.is_file():
-        named = ckpt_root / latest.read_text().strip()
-        if _is_train_checkpoint(named) or _is_model_dir(named):
-            return named, run_dir
-    candidates: list[Path] = []
-    for base in (ckpt_root, run_dir):
-        if base.is_dir():
-            candidates += [
-                s for s in base.iterdir() if s.is_dir() and (_is_model_dir(s) or _is_train_checkpoint(s))
-            ]
-    for name in ("final", "model", "hf_model"):
-        if _is_model_dir(run_dir / name):
-            return run_dir / name, run_dir
-    if not candidates:
+    try:
+        latest = latest_checkpoint(run_dir)
+    except CheckpointError as e:
+        raise ModelLoadError(str(e)) from None
+    if latest is None:
         raise ModelLoadError(
             f"{str(p)!r} holds no saved model (expected a Hugging Face model directory with config.json and "
             f"weights, a training checkpoint with meta.json, or a run directory with checkpoints/)"
         )
-    return max(candidates, key=_step_key), (run_dir if ckpt_root.is_dir() else None)
+    return latest, run_dir
 
 
 def read_run_config(run_dir: Path | None, model_dir: Path | None = None) -> dict[str, Any]:
-    """The training configuration of a run as a dict (``TrainConfig.to_dict()``; empty if none found).
-
-    Also found in an exported model directory (``ttt_run.json`` written by ``ttt export``).
-    """
-    for name in ("meta.json", EXPORT_RUN_FILE):
-        if model_dir is not None and (model_dir / name).is_file():
-            meta = json.loads((model_dir / name).read_text())
-            if isinstance(meta.get("config"), dict):
-                return meta["config"]
-    if run_dir is None:
-        return {}
-    for name in RUN_CONFIG_FILES:
-        f = run_dir / name
-        if f.is_file():
-            if f.suffix == ".json":
-                return json.loads(f.read_text())
-            import yaml
-
-            return yaml.safe_load(f.read_text()) or {}
+    """The training configuration of a run as a dict (``TrainConfig.to_dict()``; empty if none found):
+    the one a checkpoint's ``meta.json`` records (or an exported model's ``ttt_run.json``), else the
+    run's ``config.yaml``."""
+    if model_dir is not None and (model_dir / "meta.json").is_file():
+        meta = open_checkpoint(model_dir, verify=False).meta
+        if isinstance(meta.get("config"), dict):
+            return meta["config"]
+    if model_dir is not None and (model_dir / EXPORT_RUN_FILE).is_file():
+        meta = json.loads((model_dir / EXPORT_RUN_FILE).read_text())
+        if isinstance(meta.get("config"), dict):
+            return meta["config"]
+    if run_dir is not None and (run_dir / RUN_CONFIG).is_file():
+        return yaml.safe_load((run_dir / RUN_CONFIG).read_text()) or {}
     return {}
+
+
+def run_data(run_config: dict[str, Any], source: str | None = None, tokenizer: str | None = None,
+             cache_dir: Path | None = None) -> DataBundle:
+    """The data a run trained on (its ``data`` section), or another corpus / tokenizer if given.
+
+    Args:
+        run_config: ``TrainConfig.to_dict()`` of the run (may be empty: Shakespeare, byte tokenizer).
+        source: corpus source instead of the run's.
+        tokenizer: tokenizer spec instead of the run's.
+        cache_dir: where tokenized stores are cached (default: the run's cache, else ``~/.cache/ttt``).
+
+    Raises:
+        DataError: the corpus or tokenizer cannot be prepared.
+    """
+    run = dict(run_config.get("data") or {})
+    fields = {f.name: run[f.name] for f in dataclasses.fields(DataConfig) if run.get(f.name) is not None}
+    fields.pop("seq_len", None)
+    if source is not None:
+        fields["source"] = source
+    if tokenizer is not None:
+        fields["tokenizer"] = tokenizer
+    cache = cache_dir or Path(run.get("cache_dir") or Path.home() / ".cache" / "ttt" / "data")
+    return prepare_data(DataConfig(**fields), cache)
 
 
 def tokenizer_dir(model_dir: Path, run_dir: Path | None = None) -> Path | None:
@@ -194,10 +202,15 @@ def resolve_tokenizer(loaded: LoadedModel, spec: str | None = None) -> tuple[Any
 
 
 def model_from_checkpoint(ckpt_dir: Path) -> torch.nn.Module:
-    """Rebuild the model of a trainer checkpoint from its ``meta.json`` and load its weights."""
-    from safetensors.torch import load_file
+    """Rebuild the model of a trainer checkpoint from its ``meta.json`` and load its weights (the
+    checkpoint verified by :func:`ttt.training.checkpoint.open_checkpoint`).
 
-    meta = json.loads((ckpt_dir / "meta.json").read_text())
+    Raises:
+        CheckpointError: the checkpoint is malformed or corrupt.
+        ModelLoadError: its weights do not fit the model its meta.json describes.
+    """
+    info = open_checkpoint(ckpt_dir)
+    meta = info.meta
     arch, cfg_dict = meta.get("arch"), dict(meta.get("model_config") or {})
     if not cfg_dict:
         raise ModelLoadError(f"checkpoint {str(ckpt_dir)!r} has no model_config in meta.json")
@@ -206,12 +219,20 @@ def model_from_checkpoint(ckpt_dir: Path) -> torch.nn.Module:
     model_type = cfg_dict.pop("model_type", None)
     if model_type is None:
         raise ModelLoadError(f"checkpoint {str(ckpt_dir)!r}: model_config has no model_type (arch {arch!r})")
-    config = AutoConfig.for_model(model_type, **cfg_dict)
+    try:
+        config = AutoConfig.for_model(model_type, **cfg_dict)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ModelLoadError(f"checkpoint {str(ckpt_dir)!r}: meta.json model_config is invalid ({e})"
+                             ) from None
     if model_type == "llama":
         config._attn_implementation = "sdpa"
     model = AutoModelForCausalLM.from_config(config)
-    state = load_file(str(ckpt_dir / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = read_model_state(info)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ModelLoadError(f"checkpoint {str(ckpt_dir)!r} does not fit its model ({arch}): "
+                             f"{' '.join(str(e).split())[:200]}") from None
     tied = {k for k in missing if k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
         raise ModelLoadError(
@@ -225,8 +246,6 @@ def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> LoadedModel:
     """Load the model at ``path`` (see module docstring), in eval mode, on ``device``."""
-    import ttt.models  # noqa: F401  (registers model_type="ttt" with the Auto classes)
-
     model_dir, run_dir = find_model_dir(path)
     if _is_model_dir(model_dir):
         from transformers import AutoModelForCausalLM

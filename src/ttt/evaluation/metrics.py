@@ -2,7 +2,7 @@
 
 The evaluation windows lie *inside* documents and start at a document start, so the position of a
 token inside its window is its true context length: the long-context measurement of the TTT paper
-(loss by token index, spec §8). Each window of ``seq_len`` tokens yields ``seq_len - 1`` next-token
+(loss by token index). Each window of ``seq_len`` tokens yields ``seq_len - 1`` next-token
 predictions; prediction ``p`` (0-based) has ``p + 1`` tokens of context.
 
 >>> import torch
@@ -18,13 +18,15 @@ predictions; prediction ``p`` (0-based) has ``p + 1`` tokens of context.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ttt.data import TokenStore
 
 LN2 = math.log(2.0)
 
@@ -93,32 +95,11 @@ def _as_long_tensor(x: Any) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x, dtype=np.int64)).reshape(-1)
 
 
-def iter_documents(store: Any) -> list[torch.Tensor]:
-    """The documents of ``store`` as 1-D LongTensors.
-
-    Accepts a :class:`ttt.data.TokenStore` (anything with ``num_documents`` + ``document(i)``, a
-    ``documents()`` method, or ``tokens``/``ids`` + ``offsets`` arrays), a sequence of 1-D token arrays,
-    or a single 1-D array (one document).
-    """
-    if isinstance(store, torch.Tensor | np.ndarray) and np.ndim(store) == 1:
-        return [_as_long_tensor(store)]
-    if hasattr(store, "document") and hasattr(store, "num_documents"):
-        n = store.num_documents() if callable(store.num_documents) else store.num_documents
-        return [_as_long_tensor(store.document(i)) for i in range(int(n))]
-    if hasattr(store, "documents") and callable(store.documents):
-        return [_as_long_tensor(d) for d in store.documents()]
-    for tok_name in ("tokens", "ids", "token_ids"):
-        if hasattr(store, tok_name) and hasattr(store, "offsets"):
-            tokens = np.asarray(getattr(store, tok_name))
-            offsets = np.asarray(store.offsets, dtype=np.int64)
-            if offsets.size and offsets[-1] != len(tokens):
-                offsets = np.append(offsets, len(tokens))
-            if offsets.size and offsets[0] != 0:
-                offsets = np.insert(offsets, 0, 0)
-            return [_as_long_tensor(tokens[a:b]) for a, b in zip(offsets[:-1], offsets[1:]) if b > a]
-    if isinstance(store, Sequence | Iterable) and not isinstance(store, str | bytes):
-        return [_as_long_tensor(d) for d in store]
-    raise TypeError(f"cannot read documents from {type(store).__name__}")
+def iter_documents(store: TokenStore | Sequence[Any]) -> list[torch.Tensor]:
+    """The documents of a :class:`ttt.data.TokenStore`, or of a sequence of 1-D token arrays, as 1-D
+    LongTensors."""
+    docs = store.documents() if isinstance(store, TokenStore) else store
+    return [_as_long_tensor(d) for d in docs]
 
 
 def document_windows(
@@ -221,11 +202,7 @@ def token_losses(model: torch.nn.Module, windows: torch.Tensor, batch_size: int 
     out = []
     for i in range(0, len(windows), batch_size):
         ids = windows[i : i + batch_size].to(device)
-        try:
-            logits = model(input_ids=ids, use_cache=False).logits
-        except TypeError:  # models without a use_cache argument
-            logits = model(input_ids=ids).logits
-        logits = logits[:, :-1].float()
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none")
         out.append(loss.view(ids.size(0), -1).cpu())
     return torch.cat(out)
@@ -233,7 +210,7 @@ def token_losses(model: torch.nn.Module, windows: torch.Tensor, batch_size: int 
 
 def evaluate(
     model: torch.nn.Module,
-    store: Any,
+    store: TokenStore | Sequence[Any],
     seq_len: int,
     *,
     batch_size: int = 8,
@@ -248,7 +225,7 @@ def evaluate(
 
     Args:
         model: any causal LM whose ``forward(input_ids=...)`` returns ``.logits`` (HF convention).
-        store: a :class:`ttt.data.TokenStore`, a list of 1-D token arrays, or one 1-D array.
+        store: a :class:`ttt.data.TokenStore` or a list of 1-D token arrays.
         seq_len: window length; every window lies inside one document and starts at a document start
             or a multiple of ``stride`` after it, so position = true context length.
         batch_size: windows per forward pass.
@@ -272,7 +249,7 @@ def evaluate(
     finally:
         model.train(was_training)
     if bytes_per_token is None:
-        bytes_per_token = getattr(store, "bytes_per_token", None)  # TokenStore: exact bytes of the text
+        bytes_per_token = store.bytes_per_token if isinstance(store, TokenStore) else None  # exact bytes
     if bytes_per_token is None and tokenizer is not None:
         bytes_per_token = bytes_per_token_of(tokenizer, windows)
     loss = float(losses.mean())
@@ -297,7 +274,10 @@ def evaluate(
 
 
 def unigram_baseline(
-    train_store: Any, val_store: Any, vocab_size: int, bytes_per_token: float | None = None
+    train_store: TokenStore | Sequence[Any],
+    val_store: TokenStore | Sequence[Any],
+    vocab_size: int,
+    bytes_per_token: float | None = None,
 ) -> dict[str, float | None]:
     """Cross-entropy of a unigram model fitted on the training token frequencies (add-one smoothing).
 

@@ -30,8 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
-ALL_ARCHS = ("ttt-linear", "ttt-mlp", "transformer", "mamba", "mamba2")
+from ttt.data import IGNORE_INDEX
+from ttt.models.registry import ARCHS, build_model
+from ttt.util.device import pick_device
+from ttt.util.files import atomic_write_json, atomic_write_text
+
+from .plots import plot_mqar
 
 
 def generate_mqar(
@@ -63,7 +67,7 @@ def generate_mqar(
     keys = np.argsort(rng.random((n, key_hi - 1)), axis=1)[:, :p] + 1
     values = rng.integers(key_hi, vocab_size, size=(n, p))
     ids = np.zeros((n, seq_len), dtype=np.int64)
-    labels = np.full((n, seq_len), IGNORE, dtype=np.int64)
+    labels = np.full((n, seq_len), IGNORE_INDEX, dtype=np.int64)
     ids[:, 0 : 2 * p : 2] = keys
     ids[:, 1 : 2 * p : 2] = values
     # query slots: pairs of positions (q, q+1) after the context, chosen without overlap
@@ -92,7 +96,7 @@ def default_num_kv_pairs(seq_len: int) -> int:
 class MQARConfig:
     """Settings of an MQAR sweep (see :data:`MQAR_PRESETS`)."""
 
-    archs: list[str] = field(default_factory=lambda: list(ALL_ARCHS))
+    archs: list[str] = field(default_factory=lambda: list(ARCHS))
     seq_lens: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
     widths: list[int] = field(default_factory=lambda: [64, 128])
     lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3])
@@ -105,12 +109,12 @@ class MQARConfig:
     epochs: int = 4
     weight_decay: float = 0.1
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"
 
 
 MQAR_PRESETS: dict[str, dict[str, Any]] = {
     # seconds, for the test suite
-    "tiny": dict(
+    "smoke": dict(
         archs=["ttt-linear", "transformer"],
         seq_lens=[32],
         widths=[32],
@@ -123,7 +127,7 @@ MQAR_PRESETS: dict[str, dict[str, Any]] = {
         epochs=1,
     ),
     # minutes on a CPU
-    "small": dict(
+    "quick": dict(
         archs=["ttt-linear", "ttt-mlp", "transformer", "mamba", "mamba2"],
         seq_lens=[64, 128],
         widths=[64],
@@ -150,8 +154,6 @@ def registry_factory(
     All architectures get the same width and depth (Zoology's protocol, not parameter matching); the
     SwiGLU width of TTT / Transformer blocks is ``8/3 * width`` rounded to a multiple of 8.
     """
-    from ttt.models.registry import build_model
-
     fields: dict[str, Any] = {"hidden_size": width, "num_hidden_layers": num_layers}
     if arch in ("ttt-linear", "ttt-mlp", "transformer"):
         fields["intermediate_size"] = max(8, round(8 * width / 3 / 8) * 8)
@@ -159,14 +161,13 @@ def registry_factory(
 
 
 def _forward_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    try:
-        return model(input_ids=ids, use_cache=False).logits
-    except TypeError:
-        return model(input_ids=ids).logits
+    return model(input_ids=ids, use_cache=False).logits
 
 
 def _answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
 
 
 @torch.no_grad()
@@ -181,7 +182,7 @@ def mqar_accuracy(
         x, y = ids[i : i + batch_size].to(device), labels[i : i + batch_size].to(device)
         pred = _forward_logits(model, x)[:, :-1].argmax(-1)
         tgt = y[:, 1:]
-        mask = tgt != IGNORE
+        mask = tgt != IGNORE_INDEX
         correct += int((pred[mask] == tgt[mask]).sum())
         total += int(mask.sum())
     return correct / max(total, 1)
@@ -246,7 +247,7 @@ def run_mqar(
             data = json.loads(prev.read_text())
             if data.get("config") == asdict(cfg):
                 runs = {r["key"]: r for r in data.get("runs", [])}
-    device = torch.device(cfg.device)
+    device = pick_device(cfg.device)
     for seq_len in cfg.seq_lens:
         kv = cfg.num_kv_pairs or default_num_kv_pairs(seq_len)
         train = generate_mqar(cfg.train_examples, seq_len, kv, cfg.vocab_size, seed=cfg.seed)
@@ -267,7 +268,7 @@ def run_mqar(
                 "width": width,
                 "lr": lr,
                 "num_kv_pairs": kv,
-                "params": sum(p.numel() for p in model.parameters()),
+                "params": model.num_parameters(),
                 "final_train_loss": loss,
                 "accuracy": acc,
                 "seconds": time.perf_counter() - t0,
@@ -278,13 +279,12 @@ def run_mqar(
                 log(f"mqar {arch:12s} L={seq_len:4d} d={width:4d} lr={lr:g}: acc {acc:.3f} ({secs:.1f}s)")
             if out is not None:
                 partial = {"config": asdict(cfg), "runs": list(runs.values()), "rows": []}
-                _write_json(out / "mqar.json", partial)
+                atomic_write_json(out / "mqar.json", partial)
     rows = summarize_mqar(list(runs.values()))
     if out is not None:
-        _write_json(out / "mqar.json", {"config": asdict(cfg), "runs": list(runs.values()), "rows": rows})
-        (out / "mqar.md").write_text(mqar_table(rows) + "\n")
-        from .plots import plot_mqar
-
+        result = {"config": asdict(cfg), "runs": list(runs.values()), "rows": rows}
+        atomic_write_json(out / "mqar.json", result)
+        atomic_write_text(out / "mqar.md", mqar_table(rows) + "\n")
         plot_mqar(rows, out / "mqar.png")
     return rows
 
@@ -328,9 +328,3 @@ def mqar_table(rows: Sequence[dict[str, Any]]) -> str:
                 params = params or (f"{m[0]['params'] / 1e6:.2f}M" if m else "")
             lines.append(f"| {width} | {arch} | {params} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)

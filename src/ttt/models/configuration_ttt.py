@@ -1,4 +1,4 @@
-"""Configuration of the TTT language model (spec §7, field names of the official port, spec §9)."""
+"""Configuration of the TTT language model (docs/math.md §7, field names of the official port)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _is_int(value: Any) -> bool:
 
 @strict
 class TTTConfig(PreTrainedConfig):
-    r"""Configuration of a :class:`~ttt.models.TTTForCausalLM` (a stack of TTT blocks, spec §7).
+    r"""Configuration of a :class:`~ttt.models.TTTForCausalLM` (a stack of TTT blocks, docs/math.md §7).
 
     Field names follow the official PyTorch port of the TTT paper, so its ``config.json`` loads as is.
 

@@ -1,9 +1,9 @@
-"""The TTT language model as a Hugging Face model (spec §7): ``TTTModel`` and ``TTTForCausalLM``.
+"""The TTT language model as a Hugging Face model (docs/math.md §7): ``TTTModel`` and ``TTTForCausalLM``.
 
 Block: optional pre-conv ``h = h + conv(RMSNorm(h))``; ``h = h + TTT(RMSNorm(h))``;
 ``h = h + SwiGLU(RMSNorm(h))``. Model: token embedding, blocks, final RMSNorm, LM head (optionally tied).
 Module names follow the official PyTorch port (``model.layers.{i}.seq_modeling_block.W1``,
-``seq_norm``, ``ffn_norm``, ``mlp.gate_proj``, ``conv.conv.weight``, ...), see spec §9.
+``seq_norm``, ``ffn_norm``, ``mlp.gate_proj``, ``conv.conv.weight``, ...), as in the official port.
 
 Padding and packing: the model regroups the tokens of each forward into compact right-padded
 segments (:mod:`ttt.ops.layout`): a row's padding tokens (``attention_mask == 0``, any position) are
@@ -46,13 +46,13 @@ from ..ops.layout import (
 )
 from .cache_ttt import CACHE_KEY, TTTCache
 from .configuration_ttt import TTTConfig
-from .training_run import find_training_checkpoint, read_meta
+from .training_run import find_training_checkpoint, verify_weights
 
 logger = logging.get_logger(__name__)
 
 
 class TTTRMSNorm(nn.Module):
-    """RMSNorm with a learned scale, computed in fp32 (spec §7, eps 1e-6)."""
+    """RMSNorm with a learned scale, computed in fp32 (docs/math.md §7, eps 1e-6)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -100,7 +100,7 @@ class TTTPreConv(nn.Module):
 
 
 class TTTBlock(GradientCheckpointingLayer):
-    """One residual block of the TTT language model (spec §7)."""
+    """One residual block of the TTT language model (docs/math.md §7)."""
 
     def __init__(self, config: TTTConfig, layer_idx: int) -> None:
         super().__init__()
@@ -210,7 +210,7 @@ def _one_cache(cache: TTTCache | None, past_key_values: TTTCache | None) -> TTTC
 
 
 class TTTPreTrainedModel(PreTrainedModel):
-    """Weight initialisation (spec §7) and Hugging Face plumbing shared by the TTT models."""
+    """Weight initialisation (docs/math.md §7) and Hugging Face plumbing shared by the TTT models."""
 
     config_class = TTTConfig
     config: TTTConfig
@@ -231,7 +231,7 @@ class TTTPreTrainedModel(PreTrainedModel):
                 if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) else None)
         if ckpt is None:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        meta = read_meta(ckpt)
+        meta = verify_weights(ckpt)
         fields = dict(meta.get("model_config") or {})
         if fields.get("model_type") != TTTConfig.model_type:
             raise ValueError(f"checkpoint {ckpt} holds a {meta.get('arch') or fields.get('model_type')!r} "

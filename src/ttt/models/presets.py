@@ -1,4 +1,4 @@
-"""Named model sizes: the paper's four (spec §7 table) and small ones that train on a CPU.
+"""Named model sizes: the paper's four (docs/math.md §7) and small ones that train on a CPU.
 
 >>> from ttt.models.presets import get_config
 >>> cfg = get_config("125m", ttt_layer_type="mlp", backbone="mamba")
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .configuration_ttt import TTT_LAYER_TYPES, TTTConfig
+from .configuration_ttt import TTTConfig
 
 BACKBONES = ("transformer", "mamba")
 
@@ -61,8 +61,6 @@ def get_config(
     key = str(name).lower()
     if key not in _SIZES:
         raise ValueError(f"unknown preset {name!r}; choose from {list_presets()}")
-    if ttt_layer_type not in TTT_LAYER_TYPES:
-        raise ValueError(f"ttt_layer_type must be one of {TTT_LAYER_TYPES}, got {ttt_layer_type!r}")
     layers, width, heads, ffn, vocab, context = _SIZES[key]
     fields: dict[str, Any] = {
         "num_hidden_layers": layers,
@@ -72,7 +70,7 @@ def get_config(
         "vocab_size": vocab,
         "max_position_embeddings": context,
         "ttt_layer_type": ttt_layer_type,
-        "ttt_base_lr": DEFAULT_BASE_LR[ttt_layer_type],
+        "ttt_base_lr": DEFAULT_BASE_LR.get(ttt_layer_type, 1.0),  # TTTConfig rejects other layer types
         "mini_batch_size": 16,
         "tie_word_embeddings": True,
         **backbone_flags(backbone),

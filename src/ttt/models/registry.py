@@ -11,8 +11,8 @@
 Size matching (:func:`match_size`)
 ----------------------------------
 The reference is the TTT-Linear model of the same preset (``reference_arch``), counted **without the
-token embedding** (:func:`count_params` with ``exclude_embeddings=True``; all models tie the LM head to
-the embedding, so the vocabulary adds the same count to every architecture). Then
+token embedding** (Hugging Face's ``num_parameters(exclude_embeddings=True)``; all models tie the LM
+head to the embedding, so the vocabulary adds the same count to every architecture). Then
 
 * Transformer: same width, depth and heads as the preset (head dim 64 at the paper sizes); only the
   SwiGLU width ``intermediate_size`` is solved for (rounded to a multiple of 8). The TTT layer's q/k/v/o
@@ -37,12 +37,12 @@ the kernels). ``tests/training/test_registry.py`` checks that ``pscan`` is reall
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -55,12 +55,20 @@ from transformers import (
 
 ARCHS = ("ttt-linear", "ttt-mlp", "transformer", "mamba", "mamba2")
 TTT_ARCHS = ("ttt-linear", "ttt-mlp")
+ARCH_LABELS = {
+    "ttt-linear": "TTT-Linear",
+    "ttt-mlp": "TTT-MLP",
+    "transformer": "Transformer",
+    "mamba": "Mamba",
+    "mamba2": "Mamba-2",
+}
 MATCH_TOLERANCE = 0.02  # relative error above which Mamba widths are searched
 
 
-def _check_arch(arch: str) -> None:
+def check_arch(arch: str) -> None:
+    """Raise ``ValueError`` naming the choices for an architecture outside :data:`ARCHS`."""
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose from {list(ARCHS)}")
+        raise ValueError(f"unknown architecture {arch!r}; choose from {list(ARCHS)}")
 
 
 def _preset(size: str) -> Any:
@@ -78,34 +86,13 @@ def list_sizes() -> list[str]:
     return list_presets()
 
 
-def count_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
-    """Number of distinct parameters (tied weights counted once).
-
-    Args:
-        model: any module (works on ``meta`` tensors too).
-        exclude_embeddings: leave out every ``nn.Embedding`` weight (and an LM head tied to it).
-    """
-    skip: set[int] = set()
-    if exclude_embeddings:
-        for module in model.modules():
-            if isinstance(module, nn.Embedding):
-                skip.add(id(module.weight))
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():  # parameters() already yields a shared Parameter once
-        if id(p) in seen or id(p) in skip:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total
-
-
 # --------------------------------------------------------------------------- configs
-def _ttt_config(arch: str, size: str, vocab_size: int, max_seq_len: int, **overrides: Any) -> Any:
+def _ttt_config(
+    arch: str, size: str, vocab_size: int, max_seq_len: int, backbone: str = "transformer", **overrides: Any
+) -> Any:
     from ttt.models.presets import get_config
 
     layer_type = "linear" if arch == "ttt-linear" else "mlp"
-    backbone = overrides.pop("backbone", "transformer")
     fields = {"vocab_size": vocab_size, "max_position_embeddings": max_seq_len, **overrides}
     return get_config(size, ttt_layer_type=layer_type, backbone=backbone, **fields)
 
@@ -199,16 +186,59 @@ _CLASSES: dict[str, type[PreTrainedModel]] = {
 }
 
 
+def _config_class(arch: str) -> type:
+    from ttt.models import TTTConfig
+
+    return TTTConfig if arch in TTT_ARCHS else {"transformer": LlamaConfig, "mamba": MambaConfig,
+                                                "mamba2": Mamba2Config}[arch]
+
+
+def check_overrides(arch: str, overrides: dict[str, Any]) -> None:
+    """Raise ``ValueError`` for override keys that are not fields of ``arch``'s config class."""
+    check_arch(arch)
+    cls = _config_class(arch)
+    valid = {f.name for f in dataclasses.fields(cls)} - {"backbone"}
+    bad = sorted(set(overrides) - valid)
+    if bad:
+        raise ValueError(
+            f"unknown key(s) {bad} for arch {arch!r} ({cls.__name__}); valid keys: {sorted(valid)}"
+        )
+
+
 def build_config(
-    arch: str, size: str, vocab_size: int, max_seq_len: int, match: bool = True, **overrides: Any
+    arch: str,
+    size: str,
+    vocab_size: int,
+    max_seq_len: int,
+    match: bool = True,
+    reference_arch: str = "ttt-linear",
+    backbone: str = "transformer",
+    **overrides: Any,
 ) -> Any:
-    """The Hugging Face config :func:`build_model` would use (see there for the arguments)."""
-    _check_arch(arch)
+    """The Hugging Face config of a model (:func:`build_model` builds the model itself).
+
+    Args:
+        arch: one of :data:`ARCHS`.
+        size: a model size (:func:`list_sizes`: ``tiny, mini, small, 125m, 350m, 760m, 1.3b``).
+        vocab_size: the tokenizer's vocabulary size.
+        max_seq_len: training context; the Transformer's ``max_position_embeddings``.
+        match: for baselines, size them with :func:`match_size` to ``reference_arch`` (explicit
+            overrides win); ``False`` keeps the size's own width, depth and FFN width.
+        reference_arch: the TTT arch whose non-embedding parameter count baselines match.
+        backbone: ``"transformer"`` or ``"mamba"``: the TTT model's backbone (for baselines, the
+            backbone of the reference they are matched to).
+        **overrides: config fields of the architecture's config class (:func:`check_overrides`).
+
+    Raises:
+        ValueError: unknown arch, size or config field.
+    """
+    check_overrides(arch, overrides)
     if arch in TTT_ARCHS:
-        return _ttt_config(arch, size, vocab_size, max_seq_len, **overrides)
+        return _ttt_config(arch, size, vocab_size, max_seq_len, backbone=backbone, **overrides)
     fields = dict(overrides)
     if match:
-        matched = match_size(arch, size, vocab_size=vocab_size, max_seq_len=max_seq_len)
+        matched = match_size(arch, size, vocab_size=vocab_size, max_seq_len=max_seq_len,
+                             reference_arch=reference_arch, backbone=backbone)
         for key, value in matched.items():
             fields.setdefault(key, value)
     return _CONFIGS[arch](size, vocab_size, max_seq_len, **fields)
@@ -224,29 +254,17 @@ def _instantiate(arch: str, config: Any) -> PreTrainedModel:
     return _CLASSES[arch](config)
 
 
-def build_model(
-    arch: str, size: str, vocab_size: int, max_seq_len: int, match: bool = True, **overrides: Any
-) -> PreTrainedModel:
-    """Build a randomly initialised causal LM.
-
-    Args:
-        arch: one of :data:`ARCHS`.
-        size: a preset name (``tiny, mini, small, 125m, 350m, 760m, 1.3b``).
-        vocab_size: the tokenizer's vocabulary size.
-        max_seq_len: training context; the Transformer's ``max_position_embeddings``.
-        match: for baselines, size them with :func:`match_size` (explicit overrides win).
-        **overrides: config fields of the architecture's config class; for TTT archs also
-            ``backbone="transformer"|"mamba"``.
-    """
-    config = build_config(arch, size, vocab_size, max_seq_len, match=match, **overrides)
-    return _instantiate(arch, config)
+def build_model(arch: str, size: str, vocab_size: int, max_seq_len: int, **options: Any) -> PreTrainedModel:
+    """A randomly initialised causal LM of :func:`build_config` ``(arch, size, vocab_size, max_seq_len,
+    **options)`` (see there for the options: sizing, backbone, config overrides)."""
+    return _instantiate(arch, build_config(arch, size, vocab_size, max_seq_len, **options))
 
 
 def _meta_count(arch: str, size: str, vocab_size: int, max_seq_len: int, **fields: Any) -> int:
     config = build_config(arch, size, vocab_size, max_seq_len, match=False, **fields)
     with torch.device("meta"):
         model = _instantiate(arch, config)
-    return count_params(model, exclude_embeddings=True)
+    return model.num_parameters(exclude_embeddings=True)
 
 
 def _layers_fit(arch: str, size: str, vocab: int, seq: int, **fields: Any) -> tuple[int, int]:
@@ -263,7 +281,7 @@ def match_size(
     max_seq_len: int = 2048,
     target_params: int | None = None,
     reference_arch: str = "ttt-linear",
-    **reference_overrides: Any,
+    backbone: str = "transformer",
 ) -> dict[str, Any]:
     """Config fields giving ``arch`` the non-embedding parameter count of the reference TTT model.
 
@@ -274,19 +292,19 @@ def match_size(
         max_seq_len: context (does not change counts).
         target_params: explicit non-embedding target; by default that of ``reference_arch`` at ``size``.
         reference_arch: the TTT arch whose count is matched.
-        **reference_overrides: config overrides of the reference model (e.g. ``backbone="mamba"``).
+        backbone: the reference model's backbone.
 
     Returns:
         A dict of config fields (``intermediate_size`` for the Transformer; ``num_hidden_layers`` and
         possibly ``hidden_size`` for Mamba/Mamba-2). The rule is described in the module docstring.
     """
-    _check_arch(arch)
+    check_arch(arch)
     if arch in TTT_ARCHS:
         return {}
     p = _preset(size)
     vocab = vocab_size or p.vocab_size
     if target_params is None:
-        target_params = _meta_count(reference_arch, size, vocab, max_seq_len, **reference_overrides)
+        target_params = _meta_count(reference_arch, size, vocab, max_seq_len, backbone=backbone)
     target = int(target_params)
     if arch == "transformer":
         a = _meta_count(arch, size, vocab, max_seq_len, intermediate_size=8)
@@ -334,10 +352,12 @@ def model_max_length(model: PreTrainedModel) -> float:
 
 __all__ = [
     "ARCHS",
+    "ARCH_LABELS",
     "TTT_ARCHS",
     "build_config",
     "build_model",
-    "count_params",
+    "check_arch",
+    "check_overrides",
     "list_sizes",
     "match_size",
     "model_max_length",

@@ -8,8 +8,18 @@ by following the relative imports of :data:`ENTRY_MODULES`, into one flat folder
 relative import to the flat file name (``ttt.layers.ttt_layer`` -> ``layers_ttt_layer.py``). Nothing is
 maintained by hand: the bundle is the package's current source, so it cannot drift.
 
-Only the pure-PyTorch scan ships: the scan dispatcher's copy gets a ``resolve_backend`` that always
-returns the PyTorch backend, so a machine without the compiled backends neither warns nor fails.
+Only pure PyTorch ships. The compiled paths are switched off in the copies, by definitions appended to
+them (:data:`_OVERRIDES`) and imports replaced by stubs (:data:`_STUBS`), so a machine without a
+compiler, Triton or the C++ sources neither builds, warns nor fails:
+
+* the scan dispatcher (``ops/scan``) gets a ``resolve_backend`` that always returns the PyTorch backend;
+* the causal conv (``ops/conv.py``) gets an ``_extension`` that returns ``None``, so it always runs
+  :func:`ttt.ops.conv.causal_conv1d_reference`, and its import of the extension builder
+  (``ops/extension.py``) is replaced by a stub, so the builder is not bundled;
+* the decode step (``ops/decode.py``) gets a ``_fused_decoder`` that returns ``None`` (the PyTorch step).
+
+Each hook names what it replaces; if the package's module no longer defines it, generating the bundle
+fails with :class:`RemoteCodeError` instead of shipping a copy that would build or warn.
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ from __future__ import annotations
 import ast
 import importlib.util
 from pathlib import Path
+
+from ..util.files import atomic_write_text
 
 #: the modules named by ``auto_map``; everything they import from this package is bundled with them
 ENTRY_MODULES = ("ttt.models.configuration_ttt", "ttt.models.modeling_ttt")
@@ -27,14 +39,33 @@ AUTO_MAP = {
 }
 #: package ``__init__`` modules whose import has side effects (Auto-class registration): never bundled
 _NOT_BUNDLED = ("ttt", "ttt.models")
-_SCAN_MODULE = "ttt.ops.scan"
-_SCAN_TORCH_ONLY = '''
-
-# ---- exported model: only the PyTorch scan ships with it (added by ttt.models.remote_code) ----
+_BANNER = "\n\n# ---- exported model: pure PyTorch only (added by ttt.models.remote_code) ----\n"
+#: module -> (definitions its source must hold, text appended to its copy, overriding them)
+_OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
+    "ttt.ops.scan": (("def resolve_backend(", "def get_backend("), _BANNER + '''\
 def resolve_backend(k, ln_w, state, backend=None):
     """The exported copy always runs the PyTorch scan (the compiled backends are not bundled)."""
     return get_backend("torch")
-'''
+'''),
+    "ttt.ops.conv": (("def _extension(", "def causal_conv1d_reference(", "_extension() is None"),
+                     _BANNER + '''\
+def _extension():
+    """The exported copy never builds the compiled conv: causal_conv1d runs causal_conv1d_reference."""
+    return None
+'''),
+    "ttt.ops.decode": (("def _fused_decoder(", "fused = _fused_decoder("), _BANNER + '''\
+def _fused_decoder(xq, tensors, state):
+    """The exported copy always takes the PyTorch decode step (the Triton kernels are not bundled)."""
+    return None
+'''),
+}
+#: (module, imported module) -> the stub that replaces ``from .imported import ...`` in the copy
+_STUBS: dict[tuple[str, str], str] = {
+    ("ttt.ops.conv", "ttt.ops.extension"): '''\
+def load_library(*args, **kwargs):  # exported model: the extension builder is not bundled
+    raise RuntimeError("compiled extensions are not part of an exported model")
+''',
+}
 
 
 class RemoteCodeError(RuntimeError):
@@ -83,6 +114,7 @@ def _rewrite(module: str) -> tuple[str, list[str]]:
     lines = source.splitlines(keepends=True)
     needed: list[str] = []
     edits: list[tuple[int, int, str]] = []
+    stubbed: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             if any(a.name == "ttt" or a.name.startswith("ttt.") for a in node.names):
@@ -98,7 +130,10 @@ def _rewrite(module: str) -> tuple[str, list[str]]:
             continue
         indent = lines[node.lineno - 1][: len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())]
         new: list[str] = []
-        if node.module is not None:
+        if node.module is not None and (module, _resolve(module, is_pkg, node.level, node.module)) in _STUBS:
+            stubbed.add(_resolve(module, is_pkg, node.level, node.module))
+            new.extend(_STUBS[(module, _resolve(module, is_pkg, node.level, node.module))].splitlines())
+        elif node.module is not None:
             target = _resolve(module, is_pkg, node.level, node.module)
             names = ", ".join(a.name if a.asname is None else f"{a.name} as {a.asname}" for a in node.names)
             new.append(f"from .{flat_name(target)} import {names}")
@@ -122,11 +157,17 @@ def _rewrite(module: str) -> tuple[str, list[str]]:
     for start, end, text in sorted(edits, reverse=True):
         lines[start - 1:end] = [text]
     out = "".join(lines)
-    if module == _SCAN_MODULE:
-        if "def resolve_backend(" not in out or "def get_backend(" not in out:
-            raise RemoteCodeError(f"{module} no longer defines resolve_backend/get_backend; update "
-                                  "ttt.models.remote_code")
-        out += _SCAN_TORCH_ONLY
+    missing_stubs = sorted(t for (m, t) in _STUBS if m == module and t not in stubbed)
+    if missing_stubs:
+        raise RemoteCodeError(f"{module} no longer imports {missing_stubs} (stubbed in the exported copy); "
+                              "update ttt.models.remote_code")
+    if module in _OVERRIDES:
+        required, text = _OVERRIDES[module]
+        gone = [r for r in required if r not in source]
+        if gone:
+            raise RemoteCodeError(f"{module} no longer holds {gone} (overridden in the exported copy); "
+                                  "update ttt.models.remote_code")
+        out += text
     return out, needed
 
 
@@ -152,9 +193,7 @@ def write_remote_code(directory: str | Path) -> list[str]:
     directory.mkdir(parents=True, exist_ok=True)
     files = bundle_sources()
     for name, text in files.items():
-        tmp = directory / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(directory / name)
+        atomic_write_text(directory / name, text)
     return sorted(files)
 
 

@@ -11,8 +11,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import scan
 from .functional import gelu_tanh, gelu_tanh_backward, layer_norm, ln_l2_grad
 from .state import InnerState
+
+
+def _fused_decoder(xq: Tensor, tensors: tuple[Tensor, ...], state: InnerState):
+    """The Triton backend if it should run this step (same selection and fallback rules as the scan)."""
+    name = scan.requested_backend()
+    if name not in ("auto", "triton") or (name == "auto" and xq.device.type != "cuda"):
+        return None
+    forced = name == "triton"
+    impl = scan.get_backend("triton")
+    if impl is None:
+        scan._warn_once(f"TTT scan backend 'triton' is unavailable ({scan._WHY_MISSING['triton']}); "
+                        "using the PyTorch decode step")
+        return None
+    reason = impl.decode_unsupported(xq, state)
+    if reason is None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        reason = "inputs require grad (the fused step has no backward)"
+    if reason is None:
+        return impl
+    if forced:
+        scan._warn_once(f"TTT scan backend 'triton' does not support this decode step ({reason}); "
+                        "using the PyTorch decode step")
+    return None
 
 
 def ttt_step(
@@ -33,6 +56,10 @@ def ttt_step(
     """
     if xq.dim() != 4 or xq.shape[2] != 1:
         raise ValueError(f"ttt_step expects [batch, heads, 1, head_dim] inputs, got {tuple(xq.shape)}")
+    fused = _fused_decoder(xq, (xq, xk, xv, lr, coef, ln_w, ln_b, *state.weights(), *state.grads()), state)
+    res = None if fused is None else fused.decode(xq, xk, xv, lr, coef, ln_w, ln_b, state, lengths)
+    if res is not None:
+        return res
     in_dtype, cd = xq.dtype, state.W1.dtype
     bsz, heads, _, f = xq.shape
     mb = coef.shape[0]

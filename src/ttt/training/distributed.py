@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ttt.util.device import pick_device
 
 
 @dataclass
@@ -30,19 +33,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(spec: str, local_rank: int) -> torch.device:
-    """``auto`` -> ``cuda:LOCAL_RANK`` if CUDA is available else CPU; ``cuda`` -> ``cuda:LOCAL_RANK``."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but CUDA is not available")
-        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-    return torch.device(spec)
+def setup(device_spec: str = "auto", backend: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Initialise the default process group from the ``torchrun`` environment (if ``WORLD_SIZE > 1``).
 
-
-def setup(device_spec: str = "auto", backend: str = "auto") -> DistInfo:
-    """Initialise the default process group from the ``torchrun`` environment (if ``WORLD_SIZE > 1``)."""
+    ``timeout_s`` bounds every collective: a rank that stops or dies makes the others fail after that
+    long (see :func:`is_timeout`) instead of waiting forever.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -53,8 +49,11 @@ def setup(device_spec: str = "auto", backend: str = "auto") -> DistInfo:
             backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        if backend == "nccl":  # abort a stuck NCCL collective when the timeout expires
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         dist.init_process_group(
-            backend=backend, rank=rank, world_size=world, device_id=device if device.type == "cuda" else None
+            backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
         )
         owns = True
     elif dist.is_initialized():
@@ -72,6 +71,13 @@ def teardown(info: DistInfo, sync: bool = True) -> None:
         if sync:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def is_timeout(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another rank did not answer in time."""
+    text = str(error).lower()
+    return isinstance(error, dist.DistError) or "timed out" in text or "timeout" in text \
+        or "connection closed by peer" in text or "connection reset" in text
 
 
 def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
@@ -141,7 +147,7 @@ __all__ = [
     "all_reduce_max",
     "all_reduce_sum",
     "barrier",
-    "pick_device",
+    "is_timeout",
     "setup",
     "teardown",
     "unwrap",

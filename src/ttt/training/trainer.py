@@ -1,13 +1,9 @@
 """One trainer for every architecture (TTT-Linear, TTT-MLP, Llama, Mamba, Mamba-2).
 
-Batches. A *global batch* (rows per optimizer step) is ``micro_batch_size * grad_accum * world_size``.
-Every rank runs the same :class:`ttt.data.ResumableSampler` over the training rows with
-``batch_size = global batch`` (rank 0 of world 1), so the data order and the sampler state do not
-depend on the number of processes; micro-batch ``k = a * world_size + rank`` (``a`` the accumulation
-index) is the slice ``[k * micro, (k + 1) * micro)`` of the global batch. The loss of a step is the
-mean next-token cross-entropy over all valid targets of the global batch (summed over ranks and
-micro-batches, divided by their total count), so 1 process with accumulation and N processes give the
-same numbers up to float summation order.
+Batches. A *global batch* (rows per optimizer step) is ``micro_batch_size * grad_accum * world_size``
+(:mod:`ttt.training.batches`). The loss of a step is the mean next-token cross-entropy over all valid
+targets of the global batch (summed over ranks and micro-batches, divided by their total count), so 1
+process with accumulation and N processes give the same numbers up to float summation order.
 
 Packed rows. ``position_ids`` (restarting at 0 at each document) go to the TTT models (state reset at
 document starts) and to Llama (RoPE restarts; with no attention mask and no cache, transformers builds a
@@ -16,21 +12,19 @@ block-diagonal causal mask from them, so attention does *not* cross documents). 
 (the labels still never ask to predict a document's first token from the previous one). See
 ``data.document_mask``.
 
-Exact resume. Checkpoints hold the full model/optimizer/scheduler/sampler state and the RNGs; the LR
-schedule and the TTT inner-LR warmup are pure functions of the step. A run interrupted after step ``k``
-and resumed reproduces the uninterrupted run's losses bit for bit (same device, world size and
-threads; across world sizes up to summation order).
+Exact resume. Checkpoints hold the full model/optimizer/sampler state and the RNGs; the LR schedule and
+the TTT inner-LR warmup are pure functions of the step. A run interrupted after step ``k`` and resumed
+reproduces the uninterrupted run's losses bit for bit (same device, world size and threads; across
+world sizes up to summation order).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
-import signal
 import sys
-import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -38,16 +32,24 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
+
+from ttt.data import IGNORE_INDEX, DataBundle, PackedRows, prepare_data
+from ttt.data.tokenizer import tokenizer_fingerprint
+from ttt.models.registry import TTT_ARCHS, build_model, model_max_length
+from ttt.util.files import atomic_write_json, atomic_write_text
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .config import ConfigError, TrainConfig, apply_overrides, load_config
-from .metrics import MetricsLogger
+from .batches import Batch, GlobalBatches, validation_batches
+from .checkpoint import CheckpointError
+from .config import RUN_CONFIG, ConfigError, TrainConfig, config_from_dict, print_config, resume_changes
+from .metrics import MetricsLogger, Progress
 from .schedule import inner_lr_warmup, resolve_warmup, warmup_cosine
+from .signals import StopRequest
 
-IGNORE_INDEX = -100
+# SSM parameters the reference Mamba code exempts from weight decay (``_no_weight_decay``)
+NO_DECAY_NAMES = ("A_log", "D", "dt_bias")
 
 
 def seed_everything(seed: int) -> None:
@@ -55,10 +57,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-# SSM parameters the reference Mamba code exempts from weight decay (``_no_weight_decay``)
-NO_DECAY_NAMES = ("A_log", "D", "dt_bias")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -71,15 +69,40 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         if not p.requires_grad:
             continue
         exempt = name.rsplit(".", 1)[-1] in NO_DECAY_NAMES or getattr(p, "_no_weight_decay", False)
-        if p.ndim < 2 or id(p) in embed_ids or exempt:
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        (no_decay if p.ndim < 2 or id(p) in embed_ids or exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _to_tensor(x: Any) -> torch.Tensor:
-    return x if torch.is_tensor(x) else torch.as_tensor(np.asarray(x))
+def build_for_training(cfg: TrainConfig, vocab_size: int) -> nn.Module:
+    """The model of ``cfg.model`` for a tokenizer of ``vocab_size`` tokens, seeded with ``train.seed``."""
+    m, seq_len = cfg.model, cfg.data.seq_len
+    overrides = dict(m.overrides)
+    vocab = int(overrides.pop("vocab_size", vocab_size))
+    if vocab_size > vocab:
+        raise ConfigError(f"the tokenizer has {vocab_size} tokens but model.overrides.vocab_size={vocab}: "
+                          "the model's vocabulary must be at least the tokenizer's")
+    seed_everything(cfg.train.seed)
+    try:
+        model = build_model(m.arch, m.size, vocab, seq_len, reference_arch=m.match_reference,
+                            backbone=m.backbone, **overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot build model {m.arch}/{m.size} with overrides {m.overrides}: {e}") from None
+    if seq_len > model_max_length(model):
+        raise ConfigError(f"data.seq_len={seq_len} exceeds what {m.arch} supports (max_position_embeddings="
+                          f"{model_max_length(model)}); lower data.seq_len or raise "
+                          "model.overrides.max_position_embeddings")
+    if m.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on: a non-finite loss, or a collective that timed out (a rank stopped or died)."""
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 class Trainer:
@@ -91,614 +114,409 @@ class Trainer:
     Args:
         cfg: the configuration.
         resume: ``None`` (fresh run; refuses a run directory that already holds checkpoints), ``True`` /
-            ``"latest"`` (the run directory's latest checkpoint) or a checkpoint / run directory path.
+            ``"latest"`` (the run directory's latest checkpoint) or a checkpoint / run directory path. The
+            checkpoint's config must equal ``cfg`` but for the keys of :data:`ttt.training.config.RESUMABLE`.
+        log: where rank 0's console lines go (start-up banner, progress, validation); default stderr.
     """
 
-    def __init__(self, cfg: TrainConfig, resume: str | bool | Path | None = None) -> None:
-        self.cfg = cfg
-        self.resume = resume if resume not in (False, "", "false", "False") else None
-        self._stop_signal: int | None = None
-        self._old_handlers: dict[int, Any] = {}
+    def __init__(self, cfg: TrainConfig, resume: str | bool | Path | None = None,
+                 log: Callable[[str], None] | None = _stderr) -> None:
+        self.cfg, self.resume = cfg, resume or None
+        self._log = log or (lambda text: None)
+        self.dist: D.DistInfo | None = None
 
     # ------------------------------------------------------------------ setup
-    def _prepare_data(self) -> None:
-        from ttt.data import DataConfig, PackedRows, ResumableSampler, prepare_data
-
-        cfg, info = self.cfg, self.dist
-        try:
-            data_cfg = DataConfig(**{**cfg.data.config, "seq_len": cfg.data.seq_len})
-        except TypeError as e:
-            raise ConfigError(f"invalid data section: {e}") from e
-        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.train.out_dir) / "cache"
-        # rank 0 tokenizes and fills the cache first, the others then read it
-        if not info.is_main:
-            D.barrier(info)
-        bundle = prepare_data(data_cfg, cache)
-        if info.is_main:
-            D.barrier(info)
-        self.tokenizer = bundle.tokenizer
-        if info.is_main:
-            self._keep_run_tokenizer(write=False)  # a resume with another tokenizer fails before any write
-        seq = cfg.data.seq_len
-        self.train_rows = PackedRows(bundle.train, seq)
-        self.val_rows = PackedRows(bundle.val, seq) if bundle.val is not None else None
-        if len(self.train_rows) == 0:
-            raise ValueError(
-                f"the training split holds no full row of data.seq_len={seq} tokens "
-                f"(corpus too small or empty); lower data.seq_len or use a larger corpus"
-            )
-        if self.val_rows is not None and len(self.val_rows) == 0:
-            self.val_rows = None
-        self.sampler = ResumableSampler(
-            len(self.train_rows), self.global_batch, cfg.train.seed, rank=0, world_size=1
-        )
-        self._sampler_iter = None
-
-    def _keep_run_tokenizer(self, write: bool = True) -> None:
-        """The run directory holds the tokenizer it trains with (``run_dir/tokenizer``): saved (``write``)
-        on a fresh run; on resume it must be the one the data was just tokenized with (issue 10)."""
-        from ttt.data.tokenizer import RUN_TOKENIZER_DIR, run_tokenizer, save_tokenizer, tokenizer_fingerprint
-
-        saved = run_tokenizer(self.run_dir)
-        same = saved is not None and tokenizer_fingerprint(saved) == tokenizer_fingerprint(self.tokenizer)
-        if self.resume_path is None or saved is None:
-            if write and not same:
-                save_tokenizer(self.tokenizer, self.run_dir / RUN_TOKENIZER_DIR)
-        elif not same:
-            raise ConfigError(
-                f"the tokenizer built from the data settings differs from the one this run was trained with "
-                f"({self.run_dir / RUN_TOKENIZER_DIR}); did the corpus change? Use "
-                f"data.tokenizer={self.run_dir / RUN_TOKENIZER_DIR} to continue with the run's tokenizer"
-            )
-
-    def _tokenizer_vocab(self) -> int:
-        return int(len(self.tokenizer))
-
-    def _build_model(self) -> nn.Module:
-        from ttt.models.registry import TTT_ARCHS, build_model, model_max_length
-
-        m = self.cfg.model
-        overrides = dict(m.overrides)
-        tok_vocab = self._tokenizer_vocab()
-        vocab = int(overrides.pop("vocab_size", tok_vocab))
-        if tok_vocab > vocab:
-            raise ConfigError(
-                f"the tokenizer has {tok_vocab} tokens but model.overrides.vocab_size={vocab}: "
-                "the model's vocabulary must be at least the tokenizer's"
-            )
-        if m.arch in TTT_ARCHS:
-            overrides["backbone"] = m.backbone
-        seed_everything(self.cfg.train.seed)
-        try:
-            if m.arch in TTT_ARCHS:
-                model = build_model(m.arch, m.size, vocab, self.cfg.data.seq_len, **overrides)
-            else:
-                from ttt.models.registry import match_size
-
-                sized = match_size(
-                    m.arch,
-                    m.size,
-                    vocab_size=vocab,
-                    max_seq_len=self.cfg.data.seq_len,
-                    reference_arch=m.match_reference,
-                    backbone=m.backbone,
-                )
-                model = build_model(
-                    m.arch, m.size, vocab, self.cfg.data.seq_len, match=False, **{**sized, **overrides}
-                )
-        except (TypeError, ValueError) as e:
-            raise ConfigError(
-                f"cannot build model {m.arch}/{m.size} with overrides {m.overrides}: {e}"
-            ) from e
-        limit = model_max_length(model)
-        if self.cfg.data.seq_len > limit:
-            raise ConfigError(
-                f"data.seq_len={self.cfg.data.seq_len} exceeds what {m.arch} supports "
-                f"(max_position_embeddings={limit}); lower data.seq_len or raise "
-                "model.overrides.max_position_embeddings"
-            )
-        if m.gradient_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-                model.activation_checkpointing_enable(
-                    activation_checkpointing_kwargs={"use_reentrant": False}
-                )
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-        return model
+    def _lock_run_dir(self) -> None:
+        """Rank 0 locks the run directory and removes what killed writers left (all ranks learn if it
+        failed)."""
+        error: CheckpointError | None = None
+        if self.dist.is_main:
+            self._lock = ckpt.RunLock(self.run_dir)
+            try:
+                self._lock.acquire()
+            except CheckpointError as e:
+                error = e
+        if D.all_reduce_max(float(error is not None), self.dist, self.device) > 0:
+            raise error or CheckpointError(f"run directory {self.run_dir}: rank 0 could not lock it")
+        if self.dist.is_main:
+            for name in ckpt.clean_leftovers(self.run_dir):
+                self._log(f"removed {name} (left by an interrupted write)")
+        D.barrier(self.dist)
 
     def _setup(self) -> None:
-        cfg = self.cfg
-        self.dist = info = D.setup(cfg.train.device, cfg.dist.backend)
+        cfg, t = self.cfg, self.cfg.train
+        self.dist = info = D.setup(t.device, cfg.dist.backend, cfg.dist.timeout_s)
         self.device = info.device
-        t = cfg.train
+        grad_accum = t.grad_accum
         if t.global_batch_size is not None:
             per = t.micro_batch_size * info.world_size
             if t.global_batch_size % per:
-                raise ConfigError(
-                    f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                    f"micro_batch_size * world_size = {t.micro_batch_size} * {info.world_size}"
-                )
-            self.grad_accum = t.global_batch_size // per
-        else:
-            self.grad_accum = t.grad_accum
-        self.global_batch = t.micro_batch_size * self.grad_accum * info.world_size
+                raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                                  f"micro_batch_size * world_size = {t.micro_batch_size} * {info.world_size}")
+            grad_accum = t.global_batch_size // per
+        self.global_batch = t.micro_batch_size * grad_accum * info.world_size
         self.tokens_per_step = self.global_batch * cfg.data.seq_len
         self.total_steps = t.steps if t.steps is not None else math.ceil(t.tokens / self.tokens_per_step)
         self.warmup = resolve_warmup(self.total_steps, cfg.optim.warmup_steps, cfg.optim.warmup_fraction)
         self.run_dir = cfg.run_path()
-
-        # resume target and run-dir checks come first: nothing is written before they pass
-        self.resume_path: Path | None = None
-        if self.resume is not None:
-            self.resume_path = ckpt.resolve_resume(self.resume, self.run_dir)
-            self.resume_meta = ckpt.read_meta(self.resume_path)
-        elif ckpt.list_checkpoints(self.run_dir):
-            raise ckpt.CheckpointError(
-                f"run directory {self.run_dir} already holds checkpoints; pass --resume "
-                "to continue it, or choose another train.run_dir / train.run_name"
-            )
-
-        self._prepare_data()
-        model = self._build_model()
-        from ttt.models.registry import count_params
-
-        self.n_params = count_params(model)
-        self.n_params_non_embedding = count_params(model, exclude_embeddings=True)
-        self.shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        if self.resume_path is not None:
-            ckpt.check_compatible(self.resume_path, self.resume_meta, cfg.model.arch, self.shapes)
-        self.is_ttt = hasattr(model, "set_ttt_base_lr")
-        self.inner_lr_end = float(getattr(model.config, "ttt_base_lr", 0.0) or 0.0)
+        self._lock_run_dir()
+        # the resume target is resolved, validated and verified first: nothing is written before
+        self.resume_path = ckpt.resolve_resume(self.resume, self.run_dir) if self.resume else None
+        if self.resume_path is None and ckpt.list_checkpoints(self.run_dir):
+            raise CheckpointError(f"run directory {self.run_dir} already holds checkpoints; pass "
+                                  "--resume to continue it, or choose another train.run_dir / run_name")
+        opened = ckpt.open_checkpoint(self.resume_path) if self.resume_path else None
+        meta = opened.meta if opened is not None else None
+        if opened is not None:
+            self.resume_path = opened.path
+            self._states = ckpt.load_checkpoint_files(opened)  # parsed and checked before anything else
+            try:
+                saved_cfg = config_from_dict(meta["config"])
+            except ConfigError as e:
+                raise CheckpointError(f"checkpoint {opened.path}: meta.json field 'config' is invalid ({e})"
+                                      ) from None
+            for note in resume_changes(saved_cfg, cfg):
+                self._main_log(f"resume: {note}")
+            self._schedule_note(saved_cfg, meta)
+        self.data = self._prepare_data()
+        if info.is_main:  # a resume with another tokenizer fails before anything is written
+            self._keep_run_tokenizer(write=False)
+        model = build_for_training(cfg, len(self.data.tokenizer))
+        self.n_params = model.num_parameters()
+        self.n_params_non_embedding = model.num_parameters(exclude_embeddings=True)
+        if meta is not None:
+            shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            ckpt.check_compatible(self.resume_path, meta, cfg.model.arch, shapes)
+        self.is_ttt = cfg.model.arch in TTT_ARCHS
+        self.inner_lr_end = float(model.config.ttt_base_lr) if self.is_ttt else 0.0
         mode = cfg.optim.inner_lr_warmup
         self.inner_warmup = self.is_ttt and (mode == "on" or (mode == "auto" and cfg.model.arch == "ttt-mlp"))
-        self.uses_position_ids = cfg.data.document_mask and cfg.model.arch in (
-            "ttt-linear",
-            "ttt-mlp",
-            "transformer",
-        )
-        model.to(self.device)
-        self.raw_model = model
+        # Mamba's PyTorch scans cannot restart at document starts (see the module docstring)
+        self.uses_position_ids = cfg.data.document_mask and cfg.model.arch not in ("mamba", "mamba2")
+        self.raw_model = model.to(self.device)
         self.model = D.wrap_model(model, info, cfg.dist.strategy)
         self.fsdp = info.distributed and cfg.dist.strategy == "fsdp"
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.raw_model, o.weight_decay), lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: warmup_cosine(s, self.total_steps, self.warmup, o.lr, o.min_lr) / o.lr
-        )
-        self.step = 0
-        self.tokens = 0
-        if self.resume_path is not None:
-            self._load(self.resume_path)
+        self.optimizer = torch.optim.AdamW(param_groups(self.raw_model, o.weight_decay), lr=o.lr,
+                                           betas=(o.betas[0], o.betas[1]), eps=o.eps)
+        self.batches = GlobalBatches(self.train_rows, t.micro_batch_size, grad_accum, info.world_size,
+                                     info.rank, t.seed, self.device)
+        self.step = self.tokens = 0
+        if opened is not None:
+            self._load(opened)
+            if self.dist.is_main:  # the checkpoint is valid: now the run directory may change
+                for moved in ckpt.supersede_after(self.run_dir, opened.path):
+                    self._log(f"resume: set aside {moved} (a checkpoint not on the path of the one "
+                              "resumed from)")
+                note = ckpt.repair_latest(self.run_dir)
+                if note:
+                    self._log(note)
+            D.barrier(self.dist)
+
+    def _last_checkpoint(self) -> str:
+        """The run's latest checkpoint, for messages."""
+        try:
+            return str(ckpt.latest_checkpoint(self.run_dir))
+        except (CheckpointError, OSError, AttributeError):
+            return "unknown"
+
+    def _schedule_note(self, saved: TrainConfig, meta: dict[str, Any]) -> None:
+        """Print how a changed step budget changes the LR schedule from the resumed step on."""
+        old_total, step = int(meta["total_steps"]), int(meta["step"])
+        o = saved.optim
+        old_warmup = resolve_warmup(old_total, o.warmup_steps, o.warmup_fraction)
+        if (old_total, old_warmup) == (self.total_steps, self.warmup):
+            return
+        old = warmup_cosine(step, old_total, old_warmup, o.lr, o.min_lr)
+        new = warmup_cosine(step, self.total_steps, self.warmup, self.cfg.optim.lr, self.cfg.optim.min_lr)
+        self._main_log(f"resume: LR schedule recomputed for {self.total_steps} steps (warmup {self.warmup}), "
+                       f"was {old_total} (warmup {old_warmup}): the LR of step {step + 1} is {new:.4g} "
+                       f"(the saved schedule's: {old:.4g})")
+
+    def _main_log(self, text: str) -> None:
+        if self.dist.is_main:
+            self._log(text)
+
+    def _prepare_data(self) -> DataBundle:
+        cfg = self.cfg
+        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.train.out_dir) / "cache"
+        if not self.dist.is_main:  # rank 0 tokenizes and fills the cache first, the others then read it
+            D.barrier(self.dist)
+        bundle = prepare_data(cfg.data.data_config(), cache)
+        if self.dist.is_main:
+            D.barrier(self.dist)
+        self.train_rows = PackedRows(bundle.train, cfg.data.seq_len)
+        val = PackedRows(bundle.val, cfg.data.seq_len) if bundle.val is not None else None
+        self.val_rows = val if val is not None and len(val) else None
+        return bundle
+
+    def _keep_run_tokenizer(self, write: bool = True) -> None:
+        """The run directory holds the tokenizer it trains with (``run_dir/tokenizer``): saved (``write``)
+        on a fresh run; on resume it must be the one the data was just tokenized with (issue 10)."""
+        from ttt.data.tokenizer import RUN_TOKENIZER_DIR, run_tokenizer, save_tokenizer
+
+        saved = run_tokenizer(self.run_dir)
+        want = tokenizer_fingerprint(self.data.tokenizer)
+        same = saved is not None and tokenizer_fingerprint(saved) == want
+        if self.resume_path is None or saved is None:
+            if write and not same:
+                save_tokenizer(self.data.tokenizer, self.run_dir / RUN_TOKENIZER_DIR)
+        elif not same:
+            raise ConfigError(
+                f"the tokenizer built from the data settings differs from the one this run was trained with "
+                f"({self.run_dir / RUN_TOKENIZER_DIR}); did the corpus change? Use "
+                f"data.tokenizer={self.run_dir / RUN_TOKENIZER_DIR} to continue with the run's tokenizer")
+
+    def banner(self) -> str:
+        """What is trained, where, on what: the start-up line(s)."""
+        cfg, d = self.cfg, self.data
+        val = f", {d.val.num_tokens:,} validation" if d.val is not None else ""
+        return (f"{cfg.model.arch} ({cfg.model.size}): {self.n_params / 1e6:.2f}M parameters "
+                f"({self.n_params_non_embedding / 1e6:.2f}M non-embedding) | device {self.device} x "
+                f"{self.dist.world_size} | {self.tokens_per_step:,} tokens/step ({self.global_batch} rows x "
+                f"{cfg.data.seq_len}), {self.total_steps} steps\n"
+                f"corpus {d.source}: {d.train.num_tokens:,} training tokens{val} | tokenizer "
+                f"{cfg.data.tokenizer} ({len(d.tokenizer):,} tokens) | run {self.run_dir}")
 
     # ------------------------------------------------------------------ checkpoints
-    def _model_state(self) -> dict[str, torch.Tensor]:
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            return get_model_state_dict(
-                self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
-        return self.raw_model.state_dict()
-
-    def _optimizer_state(self) -> dict[str, Any]:
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            return get_optimizer_state_dict(
-                self.raw_model,
-                self.optimizer,
-                options=StateDictOptions(full_state_dict=True, cpu_offload=True),
-            )
-        return ckpt.optimizer_state_to_named(self.raw_model, self.optimizer)
-
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (collective under FSDP; rank 0 writes)."""
-        model_state = self._model_state()
-        optim_state = self._optimizer_state()
+        model_sd = ckpt.model_state(self.raw_model, self.fsdp)
+        optim_sd = ckpt.optimizer_state(self.raw_model, self.optimizer, self.fsdp)
         path = None
         if self.dist.is_main:
-            trainer_state = {
-                "step": self.step,
-                "tokens": self.tokens,
-                "scheduler": self.scheduler.state_dict(),
-                "sampler": self.sampler.state_dict(),
-                "rng": ckpt.rng_state(),
-            }
-            meta = {
-                "arch": self.cfg.model.arch,
-                "size": self.cfg.model.size,
-                "tokens": self.tokens,
-                "model_config": self.raw_model.config.to_dict(),
-                "tokenizer_sha256": self._tokenizer_sha256(),
-                "world_size": self.dist.world_size,
-                "global_batch": self.global_batch,
-                "seq_len": self.cfg.data.seq_len,
-                "total_steps": self.total_steps,
-                "config": self.cfg.to_dict(),
-            }
-            path = ckpt.save_checkpoint(
-                self.run_dir,
-                self.step,
-                model_state,
-                optim_state,
-                trainer_state,
-                meta,
-                keep=self.cfg.checkpoint.keep,
-            )
+            trainer_state = {"step": self.step, "tokens": self.tokens, "sampler": self.batches.state_dict(),
+                             "rng": ckpt.rng_state()}
+            meta = {"arch": self.cfg.model.arch, "size": self.cfg.model.size, "tokens": self.tokens,
+                    "model_config": self.raw_model.config.to_dict(), "world_size": self.dist.world_size,
+                    "global_batch": self.global_batch, "seq_len": self.cfg.data.seq_len,
+                    "total_steps": self.total_steps, "config": self.cfg.to_dict(),
+                    "tokenizer_sha256": tokenizer_fingerprint(self.data.tokenizer),
+                    "tokenizer_files": ckpt.tokenizer_files(self.run_dir)}
+            path = ckpt.save_checkpoint(self.run_dir, self.step, model_sd, optim_sd, trainer_state, meta,
+                                        keep=self.cfg.checkpoint.keep)
         D.barrier(self.dist)
         self._last_saved = self.step
         return path
 
-    def _tokenizer_sha256(self) -> str:
-        from ttt.data.tokenizer import tokenizer_fingerprint
-
-        return tokenizer_fingerprint(self.tokenizer)
-
-    def _load(self, path: Path) -> None:
-        model_state, optim_state, trainer_state = ckpt.load_checkpoint_files(path)
-        meta = self.resume_meta
-        if meta.get("global_batch") != self.global_batch or meta.get("seq_len") != self.cfg.data.seq_len:
-            raise ckpt.CheckpointError(
-                f"checkpoint {path} was trained with global batch {meta.get('global_batch')} x seq_len "
-                f"{meta.get('seq_len')}, this config uses {self.global_batch} x {self.cfg.data.seq_len}; "
-                "keep micro_batch_size * grad_accum * world_size and data.seq_len unchanged to resume"
-            )
+    def _load(self, opened: ckpt.CheckpointInfo) -> None:
+        path, meta = opened.path, opened.meta
+        if meta.get("global_batch") != self.global_batch:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with a global batch of {meta.get('global_batch')} rows, this "
+                f"run uses {self.global_batch}; keep micro_batch_size * grad_accum * world_size unchanged")
+        model_sd, optim_sd, trainer_state = self._states
+        del self._states
         try:
-            if self.fsdp:
-                from torch.distributed.checkpoint.state_dict import (
-                    StateDictOptions,
-                    set_model_state_dict,
-                    set_optimizer_state_dict,
-                )
-
-                opts = StateDictOptions(full_state_dict=True)
-                set_model_state_dict(self.raw_model, model_state, options=opts)
-                set_optimizer_state_dict(self.raw_model, self.optimizer, optim_state, options=opts)
-            else:
-                self.raw_model.load_state_dict(model_state, strict=True)
-                ckpt.load_named_optimizer_state(self.raw_model, self.optimizer, optim_state)
-            self.scheduler.load_state_dict(trainer_state["scheduler"])
-            self.sampler.load_state_dict(trainer_state["sampler"])
-        except ckpt.CheckpointError:
-            raise
+            ckpt.load_states(self.raw_model, self.optimizer, model_sd, optim_sd, self.fsdp)
+            self.batches.load_state_dict(trainer_state["sampler"])
         except Exception as e:  # noqa: BLE001 - anything here means the files do not fit
-            raise ckpt.CheckpointError(f"checkpoint {path} could not be loaded into this run: {e}") from e
-        self.step = int(trainer_state["step"])
-        self.tokens = int(trainer_state["tokens"])
+            text = " ".join(str(e).split())[:300]
+            raise CheckpointError(f"checkpoint {path} could not be loaded into this run: {text}") from None
+        self.step, self.tokens = int(trainer_state["step"]), int(trainer_state["tokens"])
         ckpt.set_rng_state(trainer_state["rng"])
-        self._last_saved = self.step
 
-    # ------------------------------------------------------------------ batches
-    def _next_global_indices(self) -> list[int]:
-        """Row indices of the next global batch (same on every rank)."""
-        out: list[int] = []
-        restarts = 0
-        while len(out) < self.global_batch:
-            if self._sampler_iter is None:
-                self._sampler_iter = iter(self.sampler)
-            try:
-                item = next(self._sampler_iter)
-            except StopIteration:
-                self._sampler_iter = None
-                restarts += 1
-                if restarts > 2:
-                    raise RuntimeError("the data sampler yields no batches") from None
-                continue
-            if isinstance(item, (int, np.integer)):
-                out.append(int(item))
-            else:
-                out.extend(int(i) for i in (item.tolist() if hasattr(item, "tolist") else item))
-        return out[: self.global_batch]
-
-    def _collate(self, rows: Any, indices: list[int]) -> dict[str, torch.Tensor]:
-        items = [rows.row(i) for i in indices]
-        batch = {
-            k: torch.stack([_to_tensor(it[k]) for it in items]).long()
-            for k in ("input_ids", "labels", "position_ids")
-        }
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-    def _micro_batches(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        micro, world, rank = self.cfg.train.micro_batch_size, self.dist.world_size, self.dist.rank
-        out = []
-        for a in range(self.grad_accum):
-            k = a * world + rank
-            out.append(self._collate(self.train_rows, indices[k * micro : (k + 1) * micro]))
-        return out
-
-    def _forward_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    # ------------------------------------------------------------------ steps
+    def _loss_sum(self, batch: Batch) -> tuple[torch.Tensor, int]:
         """Summed next-token cross-entropy of a micro-batch and its number of valid targets."""
         kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
         if self.uses_position_ids:
             kwargs["position_ids"] = batch["position_ids"]
-        autocast = (
-            torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-            if self.cfg.train.bf16
-            else nullcontext()
-        )
-        with autocast:
+        bf16 = self.cfg.train.bf16
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
             logits = self.model(**kwargs).logits
         targets = batch["labels"][:, 1:]
-        loss_sum = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        return loss_sum, int((targets != IGNORE_INDEX).sum())
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, int((targets != IGNORE_INDEX).sum())
 
-    # ------------------------------------------------------------------ train / eval
-    def _set_inner_lr(self) -> float | None:
+    def _set_learning_rates(self) -> dict[str, float]:
+        """The outer LR (and TTT inner base LR) of the current step: pure functions of the step."""
+        o = self.cfg.optim
+        lr = warmup_cosine(self.step, self.total_steps, self.warmup, o.lr, o.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         if not self.is_ttt:
-            return None
+            return {"lr": lr}
+        inner = self.inner_lr_end
         if self.inner_warmup:
-            value = inner_lr_warmup(self.step, self.warmup, self.cfg.optim.inner_lr_start, self.inner_lr_end)
-            self.raw_model.set_ttt_base_lr(value)
-            return value
-        return self.inner_lr_end
+            inner = inner_lr_warmup(self.step, self.warmup, o.inner_lr_start, self.inner_lr_end)
+            self.raw_model.set_ttt_base_lr(inner)
+        return {"lr": lr, "ttt_base_lr": inner}
+
+    def _no_sync(self, last: bool) -> Any:
+        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)
+        elif self.dist.distributed and not last:
+            return self.model.no_sync()
+        return nullcontext()
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over a global batch; returns its metrics."""
-        inner_lr = self._set_inner_lr()
-        lr = self.optimizer.param_groups[0]["lr"]
-        batches = self._micro_batches(self._next_global_indices())
-        local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        (n_targets,) = D.all_reduce_sum([float(local_targets)], self.dist, self.device)
-        n_targets = max(n_targets, 1.0)
+        rates = self._set_learning_rates()
+        batches = self.batches.next()
+        local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        n_targets = max(D.all_reduce_sum([float(local)], self.dist, self.device)[0], 1.0)
         scale = self.dist.world_size / n_targets  # DDP / FSDP average gradients over ranks
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for a, batch in enumerate(batches):
-            last = a == len(batches) - 1
-            sync = nullcontext()
-            if self.dist.distributed and not last:
-                if self.fsdp:
-                    self.model.set_requires_gradient_sync(False)
-                else:
-                    sync = self.model.no_sync()
-            elif self.fsdp:
-                self.model.set_requires_gradient_sync(True)
-            with sync:
-                loss_sum, _ = self._forward_loss_sum(batch)
+            with self._no_sync(a == len(batches) - 1):
+                loss_sum, _ = self._loss_sum(batch)
                 (loss_sum * scale).backward()
             total += loss_sum.detach().double()
         clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.raw_model.parameters(), clip if clip > 0 else math.inf
-        )
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        params = self.raw_model.parameters()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        grad_norm = grad_norm.full_tensor() if self.fsdp else grad_norm  # a DTensor under FSDP2
+        loss = D.all_reduce_sum([float(total.item())], self.dist, self.device)[0] / n_targets
+        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):  # before the weights change
+            what = f"training loss {loss}" if not math.isfinite(loss) else f"gradient norm {float(grad_norm)}"
+            raise TrainingError(f"non-finite {what} at step {self.step + 1}; the run stopped before updating "
+                                f"the model; the last good checkpoint is {self._last_checkpoint()} (try a "
+                                "lower optim.lr or a longer warmup)")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        (loss_total,) = D.all_reduce_sum([float(total.item())], self.dist, self.device)
-        loss = loss_total / n_targets
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss} at step {self.step + 1}")
         self.step += 1
         self.tokens += self.tokens_per_step
-        out = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
-        if inner_lr is not None:
-            out["ttt_base_lr"] = inner_lr
-        return out
+        return {"loss": loss, **rates, "grad_norm": float(grad_norm)}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean next-token loss over the first ``data.val_rows`` validation rows (all ranks take part)."""
         if self.val_rows is None:
             return None
-        n = (
-            len(self.val_rows)
-            if self.cfg.data.val_rows == 0
-            else min(len(self.val_rows), self.cfg.data.val_rows)
-        )
-        micro, world, rank = self.cfg.train.micro_batch_size, self.dist.world_size, self.dist.rank
-        per_round = micro * world
-        rounds = math.ceil(n / per_round)
-        self.model.eval()
+        wanted = self.cfg.data.val_rows
+        n = len(self.val_rows) if wanted == 0 else min(len(self.val_rows), wanted)
         loss_sum, count = 0.0, 0.0
+        self.model.eval()
         try:
-            for r in range(rounds):
-                idx = [r * per_round + rank * micro + j for j in range(micro)]
-                real = [i for i in idx if i < n]
-                # every rank runs the same number of forwards (FSDP); padding rows are not counted
-                batch = self._collate(self.val_rows, real if real else [0])
-                s, c = self._forward_loss_sum(batch)
-                if real:
-                    loss_sum += float(s)
-                    count += c
+            for batch, counts in validation_batches(self.val_rows, n, self.cfg.train.micro_batch_size,
+                                                    self.dist.world_size, self.dist.rank, self.device):
+                s, c = self._loss_sum(batch)
+                if counts:
+                    loss_sum, count = loss_sum + float(s), count + c
         finally:
             self.model.train()
         loss_sum, count = D.all_reduce_sum([loss_sum, count], self.dist, self.device)
         return loss_sum / max(count, 1.0)
 
-    # ------------------------------------------------------------------ signals
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._stop_signal is not None:  # second signal: give up immediately
-            raise KeyboardInterrupt
-        self._stop_signal = signum
-
-    def _install_signals(self) -> None:
-        if not self.cfg.checkpoint.on_signal or threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-
-    def _restore_signals(self) -> None:
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
-        self._old_handlers.clear()
-
-    # ------------------------------------------------------------------ loop
-    def _validate(self, logger) -> float | None:
-        """Validation loss now; logged (step, tokens, loss, perplexity) when ``logger`` is given."""
-        val_loss = self.evaluate()
-        if logger is not None and val_loss is not None:
-            logger.log({"step": self.step, "tokens": self.tokens, "split": "val", "loss": val_loss,
-                        "ppl": math.exp(min(val_loss, 50.0))})
-        return val_loss
-
+    # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
         """Train to the step/token budget; returns a summary dict (``final_val_loss``, ``tokens``,
-        ``tokens_per_s``, ``run_dir``, ``interrupted``, ...)."""
+        ``tokens_per_s``, ``run_dir``, ``interrupted``, ``stop_reason``, ...)."""
+        self._lock: ckpt.RunLock | None = None
+        started = False
         try:
             self._setup()
-            summary = self._fit()
-        except BaseException:
-            self._restore_signals()
-            if hasattr(self, "dist"):
+            started = True
+            summary = self._run()
+        except BaseException as e:
+            if self.dist is not None:
                 D.teardown(self.dist, sync=False)
+            if self._lock is not None:
+                self._lock.release(remove_created=not started)
+            if isinstance(e, RuntimeError) and not isinstance(e, (CheckpointError, TrainingError)) \
+                    and self.dist is not None and self.dist.distributed and D.is_timeout(e):
+                cause = " ".join(str(e).split())[:160]
+                raise TrainingError(
+                    f"rank {self.dist.rank}: a collective operation did not complete within "
+                    f"dist.timeout_s={self.cfg.dist.timeout_s:g} s (another rank stopped or died); last "
+                    f"checkpoint: {self._last_checkpoint()} ({cause})") from None
             raise
-        self._restore_signals()
         D.teardown(self.dist)
+        if self._lock is not None:
+            self._lock.release()
         return summary
 
-    def _fit(self) -> dict[str, Any]:
-        cfg, info = self.cfg, self.dist
-        main = info.is_main
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            self._keep_run_tokenizer()
-        resumed_from = self.step if self.resume_path is not None else None
-        logger = MetricsLogger(
-            self.run_dir,
-            enabled=main,
-            tensorboard=cfg.log.tensorboard,
-            write_csv=cfg.log.csv,
-            resume_step=resumed_from,
-        )
-        self._last_saved = self.step if resumed_from is not None else -1
-        self._install_signals()
-        bar = None
-        if main and cfg.log.progress:
-            from tqdm.auto import tqdm
+    def _validate(self, logger: MetricsLogger, progress: Progress) -> float | None:
+        loss = self.evaluate()
+        if loss is not None:
+            ppl = math.exp(min(loss, 50.0))
+            logger.log({"step": self.step, "tokens": self.tokens, "split": "val", "loss": loss, "ppl": ppl})
+            progress.write(f"step {self.step}: validation loss {loss:.4f} (ppl {ppl:.2f})")
+        return loss
 
-            bar = tqdm(
-                total=self.total_steps,
-                initial=self.step,
-                desc=f"{cfg.model.arch}-{cfg.model.size}",
-                unit="step",
-                dynamic_ncols=True,
-                file=sys.stderr,
-            )
-        start_step, start_time = self.step, time.perf_counter()
-        train_time, run_tokens, last = 0.0, 0, {}
-        val_loss = None
-        stop_reason = "done"
+    def _run(self) -> dict[str, Any]:
+        cfg, main = self.cfg, self.dist.is_main
+        resumed = self.resume_path is not None
+        if main:
+            atomic_write_text(self.run_dir / RUN_CONFIG, print_config(cfg))
+            self._keep_run_tokenizer()
+        self._main_log(self.banner())
+        if resumed:
+            self._main_log(f"resuming from {self.resume_path} (step {self.step})")
+        logger = MetricsLogger(self.run_dir, enabled=main, tensorboard=cfg.log.tensorboard,
+                               write_csv=cfg.log.csv, resume_step=self.step if resumed else None)
+        progress = Progress(main and cfg.log.progress, self.total_steps, self.step,
+                            f"{cfg.model.arch}-{cfg.model.size}", cfg.log.print_every, self._log)
+        self._last_saved = self.step if resumed else -1
+        start_step, start_time, train_time = self.step, time.perf_counter(), 0.0
+        last: dict[str, float] = {}
+        val_loss, stop_reason = None, "done"
         self.model.train()
-        try:
-            while self.step < self.total_steps:
-                t0 = time.perf_counter()
-                last = self.train_step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                dt = time.perf_counter() - t0
-                train_time += dt
-                run_tokens += self.tokens_per_step
-                tps = run_tokens / max(train_time, 1e-9)
-                if main and (self.step % cfg.train.log_every == 0 or self.step == self.total_steps):
-                    logger.log(
-                        {
-                            "step": self.step,
-                            "tokens": self.tokens,
-                            "split": "train",
-                            **last,
-                            "tokens_per_s": tps,
-                            "elapsed_s": time.perf_counter() - start_time,
-                        }
-                    )
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:,.0f}")
-                if (
-                    cfg.train.eval_every
-                    and self.step % cfg.train.eval_every == 0
-                    and self.step < self.total_steps
-                ):
-                    val_loss = self._validate(logger if main else None)
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                    self.save()
-                stop = 1.0 if self._stop_signal is not None else 0.0
-                if D.all_reduce_max(stop, info, self.device) > 0:
-                    stop_reason = "signal"
-                    break
-                limit = cfg.train.max_steps_this_run
-                if limit is not None and self.step - start_step >= limit:
-                    stop_reason = "max_steps_this_run"
-                    break
-        finally:
-            if bar is not None:
-                bar.close()
-        finished = self.step >= self.total_steps
-        if finished:
-            val_loss = self._validate(logger if main else None)
-        saved = self.save() if self._last_saved != self.step else ckpt.latest_checkpoint(self.run_dir)
-        logger.close()
+        with StopRequest(cfg.checkpoint.on_signal) as stop:
+            try:
+                while self.step < self.total_steps:
+                    t0 = time.perf_counter()
+                    last = self.train_step()
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    train_time += time.perf_counter() - t0
+                    tps = (self.step - start_step) * self.tokens_per_step / max(train_time, 1e-9)
+                    if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                        logger.log({"step": self.step, "tokens": self.tokens, "split": "train", **last,
+                                    "tokens_per_s": tps, "elapsed_s": time.perf_counter() - start_time})
+                    progress.update(self.step, last["loss"], tps)
+                    every = cfg.train.eval_every
+                    if every and self.step % every == 0 and self.step < self.total_steps:
+                        val_loss = self._validate(logger, progress)
+                    if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                        self.save()
+                    stop_reason = self._stop_reason(stop, start_step)
+                    if stop_reason != "done":
+                        break
+                finished = self.step >= self.total_steps
+                # a run resumed at its end was stopped after its final validation had been recorded: keep it
+                done = logger.recorded(self.step, "val") if self.step == start_step else None
+                if finished and D.all_reduce_max(float(done is not None), self.dist, self.device) > 0:
+                    val_loss = done["loss"] if done is not None else None
+                elif finished:
+                    val_loss = self._validate(logger, progress)
+                saved = self.save() if self._last_saved != self.step else ckpt.latest_checkpoint(self.run_dir)
+            finally:
+                progress.close()
+                logger.close()
+        val_loss = val_loss if finished else None
+        return self._summary(start_step, start_time, train_time, last.get("loss"), val_loss, stop_reason,
+                             saved)
+
+    def _stop_reason(self, stop: StopRequest, start_step: int) -> str:
+        """``signal`` (on any rank), ``max_steps_this_run`` (this process's limit) or ``done`` (go on)."""
+        if D.all_reduce_max(float(stop.signum is not None), self.dist, self.device) > 0:
+            return "signal"
+        limit = self.cfg.train.max_steps_this_run
+        return "max_steps_this_run" if limit is not None and self.step - start_step >= limit else "done"
+
+    def _summary(self, start_step: int, start_time: float, train_time: float, train_loss: float | None,
+                 val_loss: float | None, stop_reason: str, saved: Path | None) -> dict[str, Any]:
+        """The run's summary (written to ``summary.json`` by rank 0)."""
+        cfg, finished = self.cfg, self.step >= self.total_steps
         summary = {
-            "run_dir": str(self.run_dir),
-            "arch": cfg.model.arch,
-            "size": cfg.model.size,
-            "params": self.n_params,
-            "params_non_embedding": self.n_params_non_embedding,
-            "steps": self.step,
-            "total_steps": self.total_steps,
-            "tokens": self.tokens,
-            "tokens_per_s": run_tokens / train_time if train_time > 0 else 0.0,
-            "final_train_loss": last.get("loss"),
-            "final_val_loss": val_loss if finished else None,
-            "interrupted": not finished,
-            "stop_reason": stop_reason,
-            "checkpoint": str(saved) if saved is not None else None,
-            "world_size": info.world_size,
+            "run_dir": str(self.run_dir), "arch": cfg.model.arch, "size": cfg.model.size,
+            "params": self.n_params, "params_non_embedding": self.n_params_non_embedding,
+            "steps": self.step, "total_steps": self.total_steps, "tokens": self.tokens,
+            "tokens_per_s": (self.step - start_step) * self.tokens_per_step / max(train_time, 1e-9),
+            "final_train_loss": train_loss, "final_val_loss": val_loss,
+            "interrupted": not finished, "stop_reason": stop_reason,
+            "checkpoint": str(saved) if saved is not None else None, "world_size": self.dist.world_size,
             "elapsed_s": time.perf_counter() - start_time,
         }
-        if main:
-            import json
-
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if self.dist.is_main:
+            atomic_write_json(self.run_dir / "summary.json", summary)
+            self._log(f"stopped at step {self.step}/{self.total_steps} ({stop_reason}); checkpoint {saved}"
+                      if not finished else f"finished {self.step} steps; checkpoint {saved}")
         return summary
 
 
-def train_main(
-    config: str | Path | TrainConfig | None = None,
-    overrides: list[str] | None = None,
-    resume: str | bool | Path | None = None,
-) -> dict[str, Any]:
-    """Load a config (path or shipped name), apply dotted overrides, train; returns the summary."""
-    if isinstance(config, TrainConfig):
-        cfg = apply_overrides(config, overrides)
-    else:
-        cfg = load_config(config, overrides)
-    return Trainer(cfg, resume=resume).fit()
-
-
-def _cli(argv: list[str] | None = None) -> int:
-    """``python -m ttt.training CONFIG [key=value ...] [--resume [PATH]]`` (also used under torchrun)."""
-    import argparse
-    import json
-
-    p = argparse.ArgumentParser(prog="python -m ttt.training", description=_cli.__doc__)
-    p.add_argument("config", help="YAML path or shipped config name")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3")
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        default=None,
-        help="resume from the run's latest checkpoint, or from PATH",
-    )
-    args = p.parse_args(argv)
-    try:
-        summary = train_main(args.config, args.overrides, args.resume)
-    except (ConfigError, ckpt.CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary))
-    return 130 if summary["interrupted"] and summary["stop_reason"] == "signal" else 0
-
-
-__all__ = ["Trainer", "param_groups", "seed_everything", "train_main"]
+__all__ = ["Trainer", "TrainingError", "build_for_training", "param_groups", "seed_everything"]

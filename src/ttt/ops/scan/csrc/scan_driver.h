@@ -1,0 +1,172 @@
+// The scan over mini-batches, generic over the inner model (TTT-Linear / TTT-MLP): forward with
+// group checkpoints, and the reverse scan that recomputes each group from its checkpoint. One row
+// (batch * head) is one independent sequential problem; rows run in parallel with at::parallel_for.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "scan_kernels.h"
+
+namespace ttt_scan {
+
+struct Dims {
+  long R, N, b, F, H;  // rows, mini-batches, mini-batch size, head dim, hidden dim of the inner model
+  bool has_ln;         // inner LayerNorm (always for TTT-MLP)
+};
+
+// the inputs of one mini-batch of one row
+template <typename T> struct Mb {
+  const T* K;
+  const T* Q;
+  const T* S;
+  const T* lr;
+  const T* coef;
+  const T* lnw;
+  bool first, complete;
+};
+
+// per-mini-batch gradient outputs of one row
+template <typename T> struct MbGrad {
+  T* dk;
+  T* dq;
+  T* ds;
+  T* dlr;
+  T* dcoef;  // [b], accumulated (per row)
+  T* dlnw;   // [F], accumulated (per row); unused without LayerNorm
+};
+
+template <typename T> inline bool any_nonzero(const T* x, long n) {
+  for (long i = 0; i < n; ++i)
+    if (x[i] != T(0)) return true;
+  return false;
+}
+
+// Accumulators (the second half of the state) are tracked by a flag acc_nz: when it is false they are
+// zero and their memory may be stale (never read; written as zeros where a state leaves the scan).
+// Model<T> provides: NS (number of state tensors; the second half are the accumulators),
+// sizes(d, out[NS]), tape_size(d), scratch_size(d),
+// tape(d, st, acc_nz, mb, tape, scratch, zbar_or_null, full),
+// update(d, st, acc_nz, mb, tape, scratch), backward(d, st, acc_nz, mb, tape, dzbar, dst, grads, scratch).
+template <typename T, typename Model>
+void scan_forward_impl(const Dims& d, const T* k, const T* q, const T* s, const T* lr, const T* coef,
+                       const T* lnw, const int64_t* n_complete, std::vector<const T*> init,
+                       std::vector<T*> final_st, std::vector<T*> ckpt, long group, T* zbar) {
+  constexpr int NS = Model::NS;
+  long sz[NS];
+  Model::sizes(d, sz);
+  const long n_groups = ckpt.empty() ? 0 : (d.N + group - 1) / group;
+  const long bf = d.b * d.F;
+  at::parallel_for(0, d.R, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<T> tape(Model::tape_size(d)), scratch(Model::scratch_size(d));
+    for (int64_t r = r0; r < r1; ++r) {
+      T* st[NS];
+      bool acc_nz = false;
+      for (int i = 0; i < NS; ++i) {
+        st[i] = final_st[i] + r * sz[i];
+        std::copy(init[i] + r * sz[i], init[i] + (r + 1) * sz[i], st[i]);
+        if (i >= NS / 2) acc_nz = acc_nz || any_nonzero(st[i], sz[i]);
+      }
+      const long base = r * d.N;
+      for (long m = 0; m < d.N; ++m) {
+        if (!ckpt.empty() && m % group == 0)
+          for (int i = 0; i < NS; ++i) {
+            T* c = ckpt[i] + (r * n_groups + m / group) * sz[i];
+            if (i < NS / 2 || acc_nz)
+              std::copy(st[i], st[i] + sz[i], c);
+            else
+              std::fill(c, c + sz[i], T(0));
+          }
+        const long o = (base + m) * bf;
+        Mb<T> mb{k + o, q + o, s + o, lr + (base + m) * d.b, coef, lnw ? lnw + r * d.F : nullptr,
+                 m == 0, m < n_complete[r]};
+        Model::tape(d, st, acc_nz, mb, tape.data(), scratch.data(), zbar + o, false);
+        Model::update(d, st, acc_nz, mb, tape.data(), scratch.data());
+      }
+      if (!acc_nz)
+        for (int i = NS / 2; i < NS; ++i) std::fill(st[i], st[i] + sz[i], T(0));
+    }
+  });
+}
+
+template <typename T, typename Model>
+void scan_backward_impl(const Dims& d, const T* k, const T* q, const T* s, const T* lr, const T* coef,
+                        const T* lnw, const int64_t* n_complete, std::vector<const T*> ckpt, long group,
+                        const T* dzbar, std::vector<const T*> d_final, T* dk, T* dq, T* ds, T* dlr,
+                        T* dcoef_rows, T* dlnw, std::vector<T*> d_init) {
+  constexpr int NS = Model::NS;
+  long sz[NS];
+  Model::sizes(d, sz);
+  long state_size = 0;
+  for (int i = 0; i < NS; ++i) state_size += sz[i];
+  const long n_groups = (d.N + group - 1) / group;
+  const long bf = d.b * d.F;
+  const long tsz = Model::tape_size(d);
+  at::parallel_for(0, d.R, 1, [&](int64_t r0, int64_t r1) {
+    const long g = std::min(group, d.N);
+    std::vector<T> slots(g * state_size), tapes(g * tsz), scratch(Model::scratch_size(d));
+    std::vector<char> acc(g);
+    for (int64_t r = r0; r < r1; ++r) {
+      T* dst[NS];
+      for (int i = 0; i < NS; ++i) {
+        dst[i] = d_init[i] + r * sz[i];
+        std::copy(d_final[i] + r * sz[i], d_final[i] + (r + 1) * sz[i], dst[i]);
+      }
+      T* dc = dcoef_rows + r * d.b;
+      std::fill(dc, dc + d.b, T(0));
+      T* dl = dlnw ? dlnw + r * d.F : nullptr;
+      if (dl) std::fill(dl, dl + d.F, T(0));
+      const long base = r * d.N;
+      auto mb_at = [&](long m) {
+        const long o = (base + m) * bf;
+        return Mb<T>{k + o, q + o, s + o, lr + (base + m) * d.b, coef, lnw ? lnw + r * d.F : nullptr,
+                     m == 0, m < n_complete[r]};
+      };
+      auto slot = [&](long j, T** st) {
+        T* p = slots.data() + j * state_size;
+        for (int i = 0; i < NS; ++i) {
+          st[i] = p;
+          p += sz[i];
+        }
+      };
+      for (long gi = n_groups - 1; gi >= 0; --gi) {
+        const long m0 = gi * group, m1 = std::min(m0 + group, d.N);
+        T* st[NS];
+        slot(0, st);
+        bool nz = false;
+        for (int i = 0; i < NS; ++i) {
+          const T* c = ckpt[i] + (r * n_groups + gi) * sz[i];
+          std::copy(c, c + sz[i], st[i]);
+          if (i >= NS / 2) nz = nz || any_nonzero(c, sz[i]);
+        }
+        acc[0] = nz;
+        for (long m = m0; m < m1; ++m) {
+          const long j = m - m0;
+          slot(j, st);
+          Mb<T> mb = mb_at(m);
+          Model::tape(d, st, acc[j], mb, tapes.data() + j * tsz, scratch.data(), nullptr, true);
+          if (m + 1 < m1) {
+            T* nx[NS];
+            slot(j + 1, nx);
+            std::copy(st[0], st[NS / 2], nx[0]);  // weights; accumulators only when non-zero
+            if (acc[j]) std::copy(st[NS / 2], st[0] + state_size, nx[NS / 2]);
+            bool a = acc[j];
+            Model::update(d, nx, a, mb, tapes.data() + j * tsz, scratch.data());
+            acc[j + 1] = a;
+          }
+        }
+        for (long m = m1 - 1; m >= m0; --m) {
+          const long j = m - m0;
+          slot(j, st);
+          const long o = (base + m) * bf;
+          MbGrad<T> gr{dk + o, dq + o, ds + o, dlr + (base + m) * d.b, dc, dl};
+          Model::backward(d, st, acc[j], mb_at(m), tapes.data() + j * tsz, dzbar + o, dst, gr, scratch.data());
+        }
+      }
+    }
+  });
+}
+
+}  // namespace ttt_scan

@@ -1,0 +1,413 @@
+// Small dense kernels for the compiled TTT scan: register-blocked matmul on raw pointers, LayerNorm
+// helpers, a vectorisable tanh-GELU. Everything works on one row (one batch*head) at a time; the
+// caller parallelises over rows. Written with GCC/Clang vector extensions (64-byte vectors, split by the
+// compiler into whatever the target has), so no intrinsics and no OpenMP.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace ttt_scan {
+
+template <typename T> struct VecOf;
+template <> struct VecOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+  typedef int32_t itype __attribute__((vector_size(64)));
+};
+template <> struct VecOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+  typedef int64_t itype __attribute__((vector_size(64)));
+};
+template <typename T> using vec_t = typename VecOf<T>::type;
+template <typename T> using ivec_t = typename VecOf<T>::itype;
+template <typename T> constexpr int VW = 64 / sizeof(T);
+
+template <typename T> inline vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T> inline void vstore(T* p, vec_t<T> v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename T> inline vec_t<T> vsplat(T a) {
+  vec_t<T> v = {};
+  return v + a;
+}
+// horizontal sum: fold the 64-byte vector in halves (vector adds), then add the last 16 bytes' lanes
+template <typename T> inline T hsum(vec_t<T> v) {
+  typedef T H __attribute__((vector_size(32)));
+  typedef T Q __attribute__((vector_size(16)));
+  H lo, hi;
+  std::memcpy(&lo, &v, 32);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+  const H h = lo + hi;
+  Q ql, qh;
+  std::memcpy(&ql, &h, 16);
+  std::memcpy(&qh, reinterpret_cast<const char*>(&h) + 16, 16);
+  const Q q = ql + qh;
+  T s = 0;
+  for (int i = 0; i < int(16 / sizeof(T)); ++i) s += q[i];
+  return s;
+}
+
+// ------------------------------------------------------------------------------------------------
+// matmul: C (M x N) = beta * C + alpha * A (M x K) B (K x N)
+//   A(i, k) = A[i * ars + k * acs] (any strides: transposed operands are free)
+//   B(k, j) = B[k * ldb + j]       (rows contiguous)
+//   C(i, j) = C[i * crs + j * ccs] (ccs != 1 writes a transposed result)
+// ------------------------------------------------------------------------------------------------
+
+template <typename T, int MR, int NV>
+inline void mm_block(long K, const T* __restrict A, long ars, long acs, const T* __restrict B, long ldb,
+                     T* C, long crs, long ccs, T alpha, bool beta) {
+  typedef vec_t<T> V;
+  constexpr int W = VW<T>;
+  V acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+  for (long k = 0; k < K; ++k) {
+    const T* b = B + k * ldb;
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = vload(b + v * W);
+    const T* a = A + k * acs;
+    for (int i = 0; i < MR; ++i) {
+      const T ai = a[i * ars];
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    T* c = C + i * crs;
+    for (int v = 0; v < NV; ++v) {
+      V r = alpha * acc[i][v];
+      if (ccs == 1) {
+        if (beta) r += vload(c + v * W);
+        vstore(c + v * W, r);
+      } else {  // transposed result: scatter through a small buffer (keeps acc in registers)
+        T tmp[W];
+        vstore(tmp, r);
+        T* cv = c + v * W * ccs;
+        for (int j = 0; j < W; ++j) cv[j * ccs] = beta ? cv[j * ccs] + tmp[j] : tmp[j];
+      }
+    }
+  }
+}
+
+// the last n < W columns (scalar accumulators, the compiler vectorises what it can)
+template <typename T>
+inline void mm_tail(long M, long n, long K, const T* A, long ars, long acs, const T* B, long ldb, T* C,
+                    long crs, long ccs, T alpha, bool beta) {
+  constexpr int W = VW<T>;
+  for (long i = 0; i < M; ++i) {
+    T acc[W] = {};
+    for (long k = 0; k < K; ++k) {
+      const T ai = A[i * ars + k * acs];
+      const T* b = B + k * ldb;
+      for (long j = 0; j < n; ++j) acc[j] += ai * b[j];
+    }
+    for (long j = 0; j < n; ++j) {
+      T* c = C + i * crs + j * ccs;
+      *c = beta ? *c + alpha * acc[j] : alpha * acc[j];
+    }
+  }
+}
+
+template <typename T, int MR, int NV>
+inline void mm_panel(long M, long K, const T* A, long ars, long acs, const T* B, long ldb, T* C, long crs,
+                     long ccs, T alpha, bool beta) {
+  long i = 0;
+  for (; i + MR <= M; i += MR)
+    mm_block<T, MR, NV>(K, A + i * ars, ars, acs, B, ldb, C + i * crs, crs, ccs, alpha, beta);
+  if constexpr (MR > 1) {
+    if (i < M) mm_panel<T, MR / 2, NV>(M - i, K, A + i * ars, ars, acs, B, ldb, C + i * crs, crs, ccs, alpha, beta);
+  }
+}
+
+template <typename T>
+void mm(long M, long N, long K, const T* A, long ars, long acs, const T* B, long ldb, T* C, long crs, long ccs,
+        T alpha = T(1), bool beta = false) {
+  constexpr int W = VW<T>;
+  long j = 0;
+  for (; j + 2 * W <= N; j += 2 * W)
+    mm_panel<T, 8, 2>(M, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta);
+  for (; j + W <= N; j += W) mm_panel<T, 16, 1>(M, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta);
+  if (j < N) mm_tail<T>(M, N - j, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta);
+}
+
+// C (M x N, row-major) (+)= alpha * A (M x K, row-major) B (K x N, row-major)
+template <typename T>
+inline void mm_nn(long M, long N, long K, const T* A, const T* B, T* C, T alpha = T(1), bool beta = false) {
+  mm<T>(M, N, K, A, K, 1, B, N, C, N, 1, alpha, beta);
+}
+// C (M x N) (+)= alpha * A^T B with A stored (K x M) row-major
+template <typename T>
+inline void mm_tn(long M, long N, long K, const T* A, const T* B, T* C, T alpha = T(1), bool beta = false) {
+  mm<T>(M, N, K, A, 1, M, B, N, C, N, 1, alpha, beta);
+}
+// C (M x N) (+)= alpha * A B^T with A (M x K) small and B (N x K) large: computed as C^T = B A^T with
+// At = A^T (K x M, row-major, prepared by the caller) and a transposed store.
+template <typename T>
+inline void mm_nt(long M, long N, long K, const T* At, const T* B, T* C, T alpha = T(1), bool beta = false) {
+  mm<T>(N, M, K, B, K, 1, At, M, C, 1, N, alpha, beta);
+}
+
+template <typename T> inline void transpose(long rows, long cols, const T* src, T* dst) {
+  for (long i = 0; i < rows; ++i)
+    for (long j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
+}
+
+// ------------------------------------------------------------------------------------------------
+// reductions and row helpers
+// ------------------------------------------------------------------------------------------------
+
+template <typename T> inline T vsum(const T* x, long n) {
+  constexpr int W = VW<T>;
+  vec_t<T> a = {}, b = {};
+  long i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    a += vload(x + i);
+    b += vload(x + i + W);
+  }
+  for (; i + W <= n; i += W) a += vload(x + i);
+  T s = hsum<T>(a + b);
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+template <typename T> inline T vdot(const T* x, const T* y, long n) {
+  constexpr int W = VW<T>;
+  vec_t<T> a = {}, b = {};
+  long i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    a += vload(x + i) * vload(y + i);
+    b += vload(x + i + W) * vload(y + i + W);
+  }
+  for (; i + W <= n; i += W) a += vload(x + i) * vload(y + i);
+  T s = hsum<T>(a + b);
+  for (; i < n; ++i) s += x[i] * y[i];
+  return s;
+}
+
+// out[j] (+)= sum_i x[i, j] over rows of a (rows x cols) matrix
+template <typename T> inline void colsum(long rows, long cols, const T* x, T* out, T alpha, bool beta) {
+  if (!beta) std::fill(out, out + cols, T(0));
+  for (long i = 0; i < rows; ++i)
+    for (long j = 0; j < cols; ++j) out[j] += alpha * x[i * cols + j];
+}
+
+// ------------------------------------------------------------------------------------------------
+// tanh-GELU with a vectorised tanh (exp by range reduction and a Taylor polynomial)
+// ------------------------------------------------------------------------------------------------
+
+constexpr double GELU_C = 0.79788456080286535587989211986876;  // sqrt(2 / pi)
+constexpr double GELU_A = 0.044715;
+
+// exp(x) for x in [-80, 0] (clamped below), vectorised
+template <typename T> inline vec_t<T> vexp_neg(vec_t<T> x) {
+  typedef vec_t<T> V;
+  typedef ivec_t<T> IV;
+  constexpr bool F32 = std::is_same<T, float>::value;
+  const V lo = vsplat<T>(T(-80));
+  IV m = x < lo;
+  x = (V)((m & (IV)lo) | (~m & (IV)x));
+  const T magic = F32 ? T(12582912.0) : T(6755399441055744.0);  // 1.5 * 2^23 / 1.5 * 2^52
+  V t = x * T(1.4426950408889634074) + magic;
+  V n = t - magic;
+  IV ni = (IV)t - (IV)vsplat<T>(magic);
+  V f = x - n * T(0.693145751953125) - n * T(1.42860682030941723212e-6);
+  constexpr int DEG = F32 ? 7 : 13;
+  V p = vsplat<T>(T(1));
+  // Horner on sum_{k<=DEG} f^k / k!
+  for (int k = DEG; k >= 1; --k) p = p * f * (T(1) / T(k)) + T(1);
+  IV sb = (ni + (F32 ? 127 : 1023)) << (F32 ? 23 : 52);
+  return p * (V)sb;
+}
+
+template <typename T> inline vec_t<T> vtanh(vec_t<T> u) {
+  typedef vec_t<T> V;
+  typedef ivec_t<T> IV;
+  const IV sign = (IV)vsplat<T>(T(-0.0));
+  V a = (V)((IV)u & ~sign);
+  V e = vexp_neg<T>(a * T(-2));
+  V t = (T(1) - e) / (T(1) + e);
+  return (V)((IV)t | ((IV)u & sign));
+}
+
+// For z[0..n): x = gelu(z); d1 = gelu'(z) and d2 = gelu''(z) where the pointers are non-null.
+template <typename T> void gelu(long n, const T* z, T* x, T* d1, T* d2) {
+  typedef vec_t<T> V;
+  constexpr int W = VW<T>;
+  const T c = T(GELU_C), a3 = T(GELU_A), a33 = T(3 * GELU_A);
+  long i = 0;
+  for (; i + W <= n; i += W) {
+    V v = vload(z + i);
+    V v2 = v * v;
+    V t = vtanh<T>(c * (v + a3 * v * v2));
+    if (x) vstore(x + i, T(0.5) * v * (T(1) + t));
+    if (d1 || d2) {
+      V du = c * (T(1) + a33 * v2);
+      V s = T(1) - t * t;
+      if (d1) vstore(d1 + i, T(0.5) * (T(1) + t) + T(0.5) * v * s * du);
+      if (d2) vstore(d2 + i, s * (du + a33 * c * v2 - v * t * du * du));
+    }
+  }
+  for (; i < n; ++i) {
+    T v = z[i], v2 = v * v;
+    T t = std::tanh(c * (v + a3 * v * v2));
+    if (x) x[i] = T(0.5) * v * (T(1) + t);
+    T du = c * (T(1) + a33 * v2), s = T(1) - t * t;
+    if (d1) d1[i] = T(0.5) * (T(1) + t) + T(0.5) * v * s * du;
+    if (d2) d2[i] = s * (du + a33 * c * v2 - v * t * du * du);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// the inner LayerNorm: G = d/dZ 0.5 ||ln_w * xhat + s||^2 (s = ln_b - target), fused per token
+// ------------------------------------------------------------------------------------------------
+
+constexpr double LN_EPS = 1e-6;
+
+// z [b x F] -> xhat [b x F], rstd [b], gy [b x F] (= ln_w * (ln_w * xhat + s)), G [b x F]; no aliasing
+template <typename T>
+void ln_grad(long b, long F, const T* __restrict z, const T* __restrict s, const T* __restrict lnw,
+             T* __restrict xhat, T* __restrict rstd, T* __restrict gy, T* __restrict G) {
+  const T invf = T(1) / T(F);
+  constexpr int W = VW<T>;
+  typedef vec_t<T> V;
+  if (F % W == 0) {  // whole vectors: explicit SIMD, no per-row loop peeling or alias checks
+    for (long i = 0; i < b; ++i) {
+      const T* zi = z + i * F;
+      const T* si = s + i * F;
+      T* xi = xhat + i * F;
+      T* yi = gy + i * F;
+      T* gi = G + i * F;
+      V a = {};
+      for (long j = 0; j < F; j += W) a += vload(zi + j);
+      const T mu = hsum<T>(a) * invf;
+      V a2 = {};
+      for (long j = 0; j < F; j += W) {
+        const V x = vload(zi + j) - mu;
+        vstore(xi + j, x);
+        a2 += x * x;
+      }
+      const T r = T(1) / std::sqrt(hsum<T>(a2) * invf + T(LN_EPS));
+      rstd[i] = r;
+      V s1 = {}, s2 = {};
+      for (long j = 0; j < F; j += W) {
+        const V x = vload(xi + j) * r;
+        const V w = vload(lnw + j);
+        const V y = w * (w * x + vload(si + j));
+        vstore(xi + j, x);
+        vstore(yi + j, y);
+        s1 += y;
+        s2 += y * x;
+      }
+      const T m1 = hsum<T>(s1) * invf, m2 = hsum<T>(s2) * invf;
+      for (long j = 0; j < F; j += W) vstore(gi + j, r * (vload(yi + j) - m1 - vload(xi + j) * m2));
+    }
+    return;
+  }
+  for (long i = 0; i < b; ++i) {
+    const T* zi = z + i * F;
+    const T* si = s + i * F;
+    T* xi = xhat + i * F;
+    T* yi = gy + i * F;
+    T* gi = G + i * F;
+    const T mu = vsum(zi, F) * invf;
+    for (long j = 0; j < F; ++j) xi[j] = zi[j] - mu;
+    const T r = T(1) / std::sqrt(vdot(xi, xi, F) * invf + T(LN_EPS));
+    rstd[i] = r;
+    for (long j = 0; j < F; ++j) {
+      xi[j] *= r;
+      yi[j] = lnw[j] * (lnw[j] * xi[j] + si[j]);
+    }
+    const T m1 = vsum(yi, F) * invf, m2 = vdot(yi, xi, F) * invf;
+    for (long j = 0; j < F; ++j) gi[j] = r * (yi[j] - m1 - xi[j] * m2);
+  }
+}
+
+// Backward of ln_grad: dG -> dZ (written to dz), dS (written to ds), d ln_w accumulated into dlnw.
+// scratch: 2 * F elements.
+template <typename T>
+void ln_grad_backward(long b, long F, const T* __restrict dg, const T* __restrict G, const T* __restrict gy,
+                      const T* __restrict xhat, const T* __restrict rstd, const T* __restrict s,
+                      const T* __restrict lnw, T* __restrict dz, T* __restrict ds, T* __restrict dlnw,
+                      T* __restrict scratch) {
+  const T invf = T(1) / T(F);
+  T* dgy = scratch;
+  T* dxh = scratch + F;
+  constexpr int W = VW<T>;
+  typedef vec_t<T> V;
+  if (F % W == 0) {  // whole vectors
+    for (long i = 0; i < b; ++i) {
+      const T* dgi = dg + i * F;
+      const T* gi = G + i * F;
+      const T* yi = gy + i * F;
+      const T* xi = xhat + i * F;
+      const T* si = s + i * F;
+      const T r = rstd[i];
+      V a = {}, a_x = {}, y_x = {}, a_g = {};
+      for (long j = 0; j < F; j += W) {
+        const V d = vload(dgi + j), x = vload(xi + j);
+        a += d;
+        a_x += d * x;
+        y_x += vload(yi + j) * x;
+        a_g += d * vload(gi + j);
+      }
+      const T mdg = hsum<T>(a) * invf, mdgx = hsum<T>(a_x) * invf, s2 = hsum<T>(y_x) * invf;
+      const T drstd = hsum<T>(a_g) / r;
+      V e = {}, f = {};
+      for (long j = 0; j < F; j += W) {
+        const V d = vload(dgi + j), x = vload(xi + j), w = vload(lnw + j);
+        const V u = r * (d - mdg - x * mdgx);
+        const V h = -r * (d * s2 + vload(yi + j) * mdgx) + w * w * u;
+        vstore(dgy + j, u);
+        vstore(dxh + j, h);
+        e += h;
+        f += h * x;
+      }
+      const T m1 = hsum<T>(e) * invf, m2 = hsum<T>(f) * invf;
+      const T k = r * r * drstd * invf;
+      for (long j = 0; j < F; j += W) {
+        const V x = vload(xi + j), w = vload(lnw + j), u = vload(dgy + j);
+        vstore(dz + i * F + j, r * (vload(dxh + j) - m1 - x * m2) - k * x);
+        vstore(ds + i * F + j, w * u);
+        vstore(dlnw + j, vload(dlnw + j) + u * (T(2) * w * x + vload(si + j)));
+      }
+    }
+    return;
+  }
+  for (long i = 0; i < b; ++i) {
+    const T* dgi = dg + i * F;
+    const T* gi = G + i * F;
+    const T* yi = gy + i * F;
+    const T* xi = xhat + i * F;
+    const T* si = s + i * F;
+    const T r = rstd[i];
+    const T mdg = vsum(dgi, F) * invf, mdgx = vdot(dgi, xi, F) * invf;
+    const T s2 = vdot(yi, xi, F) * invf;
+    const T drstd = vdot(dgi, gi, F) / r;
+    for (long j = 0; j < F; ++j) {
+      dgy[j] = r * (dgi[j] - mdg - xi[j] * mdgx);
+      dxh[j] = -r * (dgi[j] * s2 + yi[j] * mdgx) + lnw[j] * lnw[j] * dgy[j];
+    }
+    const T m1 = vsum(dxh, F) * invf, m2 = vdot(dxh, xi, F) * invf;
+    const T k = r * r * drstd * invf;
+    T* dzi = dz + i * F;
+    T* dsi = ds + i * F;
+    for (long j = 0; j < F; ++j) {
+      dzi[j] = r * (dxh[j] - m1 - xi[j] * m2) - k * xi[j];
+      dsi[j] = lnw[j] * dgy[j];
+      dlnw[j] += dgy[j] * (T(2) * lnw[j] * xi[j] + si[j]);
+    }
+  }
+}
+
+// E[i, j] = coef_i * lr_j for j <= i, else 0; out[i, j] = E[i, j] * (x[i, j] + 1) (x may equal out)
+template <typename T> inline void tril_e_mul(long b, const T* coef, const T* lr, const T* x, T* out) {
+  for (long i = 0; i < b; ++i)
+    for (long j = 0; j < b; ++j) out[i * b + j] = j <= i ? coef[i] * lr[j] * (x[i * b + j] + T(1)) : T(0);
+}
+
+}  // namespace ttt_scan

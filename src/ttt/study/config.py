@@ -1,0 +1,159 @@
+"""Settings of the comparison study (:class:`StudyConfig`) and its named presets.
+
+A study is built from a preset (:data:`STUDY_PRESETS`, partial dicts of the fields) and dotted
+``key=value`` overrides, with the same OmegaConf machinery as the training config
+(:mod:`ttt.util.config`): ``train_tokens=2_000_000``, ``archs=[ttt-linear,mamba]``,
+``model_overrides.hidden_size=32``, ``train_overrides.train.bf16=true``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ttt.models.registry import ARCHS
+from ttt.training.config import RESUMABLE
+from ttt.util.config import ConfigError, build, flatten, override_node
+
+
+class StudyError(RuntimeError):
+    """A study that cannot run as configured (a one-line message for the command line)."""
+
+
+@dataclass
+class StudyConfig:
+    """Every setting of a study.
+
+    Attributes:
+        archs: architectures to train, in report order (the first one writes the text sample).
+        size: model size; baselines are matched to TTT-Linear of this size.
+        model_overrides: config fields for every architecture.
+        data: corpus source for :mod:`ttt.data` (None: the built-in Shakespeare).
+        train_tokens: training tokens per architecture.
+        num_evals: validation points on the loss-vs-tokens curve.
+        curve_eval_windows: validation rows per point of that curve.
+        eval_windows: windows of the final evaluation (loss by position).
+        train_overrides: dotted training-config overrides for every run (e.g. ``train.bf16``).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    """
+
+    archs: list[str] = field(default_factory=lambda: list(ARCHS))
+    size: str = "mini"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: str | None = None
+    tokenizer: str = "byte"
+    seq_len: int = 2048
+    train_tokens: int = 2_000_000
+    batch_size: int = 4
+    lr: float = 3e-3
+    warmup_tokens: int = 100_000
+    weight_decay: float = 0.1
+    num_evals: int = 8
+    curve_eval_windows: int = 8
+    eval_windows: int = 64
+    buckets: int = 32
+    decode_prompt: int = 128
+    decode_tokens: int = 32
+    sample_prompt: str = "ROMEO:"
+    sample_tokens: int = 300
+    seed: int = 0
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+
+    def training_overrides(self) -> dict[str, Any]:
+        """:attr:`train_overrides` as flat dotted keys."""
+        return flatten(self.train_overrides)
+
+    def fingerprint(self, arch: str) -> str:
+        """Hash of every setting that changes the run of ``arch`` (not the list of archs, sampling, the
+        device, or training keys a run may change on resume)."""
+        d = asdict(self)
+        for k in ("archs", "sample_prompt", "sample_tokens", "decode_prompt", "decode_tokens", "device"):
+            d.pop(k)
+        def resumable(key: str) -> bool:
+            return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
+
+        d["train_overrides"] = {k: v for k, v in self.training_overrides().items() if not resumable(k)}
+        d["arch"] = arch
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+STUDY_PRESETS: dict[str, dict[str, Any]] = {
+    # `make demo`: a fresh 2-core CPU, ~15 minutes in total, byte-level Shakespeare at a 2k context.
+    "demo": dict(
+        archs=["ttt-linear", "ttt-mlp", "transformer"],
+        size="mini",
+        seq_len=2048,
+        train_tokens=786_432,  # 96 steps of 4 x 2048 bytes; ~11 min of training for the three on 2 cores
+        batch_size=4,
+        lr=3e-3,
+        warmup_tokens=73_728,
+        num_evals=6,
+        curve_eval_windows=8,
+        eval_windows=160,  # loss by position: 160 windows of 2048 bytes, buckets >= 16 positions wide
+        buckets=20,
+        decode_prompt=128,
+        decode_tokens=32,
+        sample_tokens=200,
+    ),
+    # all five architectures, same data and context (tens of minutes on a CPU)
+    "full": dict(
+        archs=list(ARCHS),
+        size="mini",
+        seq_len=2048,
+        train_tokens=2_000_000,
+        batch_size=4,
+        lr=3e-3,
+        warmup_tokens=100_000,
+        num_evals=8,
+        eval_windows=64,
+    ),
+    # the test suite: seconds
+    "smoke": dict(
+        archs=list(ARCHS),
+        size="tiny",
+        seq_len=64,
+        train_tokens=4 * 64 * 4,
+        batch_size=4,
+        lr=3e-3,
+        warmup_tokens=256,
+        num_evals=2,
+        curve_eval_windows=2,
+        eval_windows=4,
+        buckets=4,
+        decode_prompt=8,
+        decode_tokens=4,
+        sample_tokens=16,
+    ),
+}
+
+
+def check_archs(archs: list[str]) -> None:
+    """Raise :class:`StudyError` for an empty list or names outside :data:`ttt.models.registry.ARCHS`."""
+    bad = [a for a in archs if a not in ARCHS]
+    if bad:
+        raise StudyError(f"unknown architecture(s) {bad}; choose from {list(ARCHS)}")
+    if not archs:
+        raise StudyError("no architecture selected")
+
+
+def study_config(preset: str, overrides: Iterable[str] | Mapping[str, Any] | None = None) -> StudyConfig:
+    """A preset with dotted overrides applied (``["train_tokens=4096", "archs=[mamba]"]``).
+
+    Raises:
+        StudyError: unknown preset, setting or architecture, or a value of the wrong type.
+    """
+    if preset not in STUDY_PRESETS:
+        raise StudyError(f"unknown preset {preset!r}; choose from {sorted(STUDY_PRESETS)}")
+    try:
+        cfg = build(StudyConfig, STUDY_PRESETS[preset], override_node(overrides))
+    except ConfigError as e:
+        raise StudyError(f"bad study setting: {e}") from None
+    check_archs(cfg.archs)
+    return cfg
+
+
+__all__ = ["STUDY_PRESETS", "StudyConfig", "StudyError", "check_archs", "study_config"]

@@ -1,0 +1,1 @@
+"""Small helpers every layer of the package may use: atomic files, configuration loading, devices."""
