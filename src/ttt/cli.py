@@ -50,15 +50,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean bad input (not a bug): reported in one line, exit status 2."""
     from ttt.data import DataError
     from ttt.evaluation.generation import GenerationError
-    from ttt.evaluation.loading import ModelLoadError
+    from ttt.evaluation.loading import ModelLoadError, TokenizerMismatch
     from ttt.evaluation.metrics import EvaluationError
+    from ttt.export import ExportError
     from ttt.study import StudyError
     from ttt.training import TrainingError
     from ttt.training.checkpoint import CheckpointError
     from ttt.util.config import ConfigError
 
     return (ConfigError, CheckpointError, DataError, ModelLoadError, EvaluationError, StudyError,
-            TrainingError, GenerationError)
+            TrainingError, GenerationError, TokenizerMismatch, ExportError)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -126,6 +127,61 @@ def _writable_dir(path: Path, option: str) -> None:
         raise _fail(f"cannot write to {option} {str(path)!r}: {e.strerror or e}") from None
 
 
+def _lm_eval(path: Path, tasks: str, include: Path | None, limit: int | None, batch_size: int, device: str,
+             out: Path) -> None:
+    """``ttt eval --lm-eval``: lm-evaluation-harness tasks on PATH (a run is exported to a temporary dir)."""
+    import tempfile
+
+    from ttt.export import export_run, lm_eval_tasks
+    from ttt.util.files import atomic_write_json
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not task_list:
+        raise _fail("--lm-eval needs at least one task name")
+    if include is not None and not include.is_dir():
+        raise _fail(f"--lm-eval-include {include} is not a folder")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = path
+        if not (path / "config.json").is_file():
+            export_run(path, Path(tmp) / "model")
+            model_dir = Path(tmp) / "model"
+        results = lm_eval_tasks(model_dir, task_list, include=include, limit=limit, batch_size=batch_size,
+                                device=device)
+    from lm_eval.utils import make_table
+
+    results["ttt"] = {"model": str(path), "tasks": task_list, "limit": limit}
+    atomic_write_json(out / "lm_eval.json", results)
+    _plain(f"model {path} | lm-eval tasks {', '.join(task_list)} | samples per task: "
+           + ", ".join(f"{k}={v.get('effective', v) if isinstance(v, dict) else v}"
+                       for k, v in (results.get("n-samples") or {}).items()))
+    _plain(make_table(results))
+    console.print(f"wrote {out / 'lm_eval.json'}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# ttt export
+# ----------------------------------------------------------------------------------------------------
+
+
+@app.command("export")
+@command
+def export_cmd(
+    run: Path = typer.Argument(..., help="Run directory (its latest checkpoint) or checkpoint directory."),
+    out: Path = typer.Argument(..., help="Directory to write the Hugging Face model to."),
+    step: int | None = typer.Option(None, help="Export the checkpoint of this step instead of the latest."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """Write a run as a self-contained Hugging Face model directory (weights, config, tokenizer, code, card).
+
+    Load it anywhere with AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True).
+    """
+    from ttt.export import export_run
+
+    res = export_run(run, out, step=step, overwrite=overwrite)
+    val = "-" if res.val_loss is None else f"{res.val_loss:.4f}"
+    _plain(f"exported {res.checkpoint} (step {res.step}, {res.tokens} tokens, val loss {val}) to {res.out}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # ttt train
 # ----------------------------------------------------------------------------------------------------
@@ -191,10 +247,11 @@ def eval_cmd(
     size: str = typer.Option("tiny", help="Model size for --arch."),
     data: str | None = typer.Option(
         None, help="Corpus (a source of ttt.data.load_documents, or a directory of `ttt data prepare`); "
-        "default: the run's, else Shakespeare."
+        "default: the run's corpus (required for a model without a training run; --arch: Shakespeare)."
     ),
     tokenizer: str | None = typer.Option(
-        None, help="Tokenizer spec ('byte', 'bpe', HF name/path); default: the one saved with the model."
+        None, help="Tokenizer ('byte', a tokenizer folder or Hub name) for a model saved without one; "
+        "a model's own tokenizer is always used."
     ),
     seq_len: int | None = typer.Option(None, help="Window length (default: the run's context, else 512)."),
     batch_size: int = typer.Option(8, help="Windows per forward pass."),
@@ -205,10 +262,20 @@ def eval_cmd(
         "or model, runs/eval-ARCH-SIZE for --arch)."
     ),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    lm_eval: str | None = typer.Option(
+        None, "--lm-eval", help="Comma-separated lm-evaluation-harness tasks: run them on PATH (exported "
+        "first if it is a run) with lm_eval's hf model instead of the loss evaluation."
+    ),
+    lm_eval_include: Path | None = typer.Option(
+        None, "--lm-eval-include", help="Folder of extra lm-eval task YAML files (e.g. local tasks)."
+    ),
+    limit: int | None = typer.Option(None, help="--lm-eval: at most this many examples per task."),
 ) -> None:
-    """Validation loss, perplexity, bits per byte and loss by token position (JSON + PNG)."""
+    """Validation loss, perplexity, bits per byte and loss by token position (JSON + PNG), or lm-eval
+    tasks."""
+    from ttt.data.tokenizer import describe_tokenizer, tokenizer_fingerprint
     from ttt.evaluation import evaluate
-    from ttt.evaluation.loading import load_model, run_data
+    from ttt.evaluation.loading import load_model, resolve_tokenizer, run_data
     from ttt.evaluation.plots import plot_loss_by_position
     from ttt.models.registry import build_model, check_arch
     from ttt.util.device import pick_device
@@ -217,18 +284,29 @@ def eval_cmd(
     if (path is None) == (arch is None):
         raise _fail("give exactly one of PATH (a saved model or run) or --arch")
     _at_least(seq_len=(seq_len, 2), batch_size=(batch_size, 1), max_windows=(max_windows, 0),
-              buckets=(buckets, 1))
+              buckets=(buckets, 1), limit=(limit, 1))
     dev = pick_device(device)
+    if lm_eval is not None:
+        if path is None:
+            raise _fail("--lm-eval evaluates a saved model or run: give PATH")
+        out = out or path / "eval"
+        _writable_dir(out, "--out")
+        return _lm_eval(path, lm_eval, lm_eval_include, limit, batch_size, str(dev), out)
     run_cfg: dict[str, Any] = {}
-    tok = None
+    tok, tok_spec = None, tokenizer
     if path is not None:
         loaded = load_model(path, device=dev)
-        model, tok, run_cfg, name = loaded.model, loaded.tokenizer, loaded.run_config, str(path)
+        tok, tok_spec = resolve_tokenizer(loaded, tokenizer)
+        model, run_cfg, name = loaded.model, loaded.run_config, str(path)
+        if data is None and not run_cfg:
+            raise _fail(f"{path} has no training run to take the evaluation corpus from; pass --data")
         out = out or (loaded.run_dir or loaded.model_dir) / "eval"
     if out is not None:
         _writable_dir(out, "--out")
-    bundle = run_data(run_cfg, source=data, tokenizer=tokenizer)
-    tok = tok if tok is not None and tokenizer is None else bundle.tokenizer
+    bundle = run_data(run_cfg, source=data, tokenizer=tok_spec)
+    if tok is not None and tokenizer_fingerprint(tok) != tokenizer_fingerprint(bundle.tokenizer):
+        raise _fail(f"the evaluation data was tokenized with a different tokenizer than {path}'s own")
+    tok = bundle.tokenizer
     if arch is not None:
         try:
             check_arch(arch)
@@ -240,9 +318,15 @@ def eval_cmd(
     seq_len = seq_len or int((run_cfg.get("data") or {}).get("seq_len") or 512)
     res = evaluate(model, bundle.val, seq_len, batch_size=batch_size, max_windows=max_windows or None,
                    num_buckets=buckets, tokenizer=tok)
-    res.extra.update({"model": name, "data": bundle.source, "params": model.num_parameters()})
+    tok_info = describe_tokenizer(tok, str(tok_spec or "byte"))
+    res.extra.update({"model": name, "tokenizer": tok_info,
+                      "corpus": {"source": bundle.source, "split": "validation"}, "data": bundle.source,
+                      "params": model.num_parameters()})
     atomic_write_json(out / "eval.json", res.to_dict())
     plot = plot_loss_by_position({name: res}, out / "loss_by_position.png")
+    _plain(f"model {name} | tokenizer {tok_info['source']} ({tok_info['kind']}, {tok_info['vocab_size']} "
+           f"tokens, sha256 {tok_info['sha256']}) | corpus {bundle.source} (validation split) | "
+           f"{res.num_windows} windows x {res.seq_len} tokens = {res.num_tokens} scored tokens")
     _plain(f"loss {res.loss:.4f} nats/token | ppl {res.perplexity:.3f} | "
            f"bits/byte {_finite(res.bits_per_byte)} | "
            f"first/last quarter {res.first_quarter_loss:.4f}/{res.last_quarter_loss:.4f} | "
@@ -265,21 +349,19 @@ def generate_cmd(
     top_k: int = typer.Option(50, help="Keep the k most likely tokens (0: off)."),
     top_p: float = typer.Option(0.95, help="Nucleus sampling mass (1.0: off)."),
     seed: int = typer.Option(0, help="Random seed."),
-    tokenizer: str | None = typer.Option(None, help="Tokenizer spec instead of the model's / run's."),
+    tokenizer: str | None = typer.Option(
+        None, help="Tokenizer ('byte', a tokenizer folder) for a model saved without one."
+    ),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
-    """Generate text from a saved model, streaming it to the terminal."""
-    from ttt.data import build_tokenizer
+    """Generate text from a saved model (with its own tokenizer), streaming it to the terminal."""
     from ttt.evaluation.generation import check_sampling, generate_text
-    from ttt.evaluation.loading import load_model, run_data
+    from ttt.evaluation.loading import load_model, resolve_tokenizer
     from ttt.util.device import pick_device
 
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     loaded = load_model(path, device=pick_device(device))
-    tok = loaded.tokenizer if tokenizer is None else build_tokenizer(tokenizer)
-    if tok is None:  # none saved with the model: the run's (a BPE tokenizer is rebuilt from its corpus)
-        run_tok = (loaded.run_config.get("data") or {}).get("tokenizer") or "byte"
-        tok = build_tokenizer("byte") if run_tok == "byte" else run_data(loaded.run_config).tokenizer
+    tok, _ = resolve_tokenizer(loaded, tokenizer)
     generate_text(loaded.model, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                   top_k=top_k, top_p=top_p, seed=seed, stream=True)
 

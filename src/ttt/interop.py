@@ -40,6 +40,15 @@ _OPTIONAL_CONFIG_FIELDS = ("max_position_embeddings", "initializer_range", "use_
                            "bos_token_id", "eos_token_id")
 _IGNORED_CONFIG_FIELDS = ("hidden_act", "pretraining_tp", "scan_checkpoint_group_size", "model_type",
                           "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map")
+#: defaults of the official port's ``TTTConfig`` (a config saved as a diff omits fields at these values)
+OFFICIAL_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 24,
+    "num_attention_heads": 32, "max_position_embeddings": 2048, "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6, "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2,
+    "tie_word_embeddings": True, "rope_theta": 10000.0, "use_gate": False, "share_qk": False,
+    "ttt_layer_type": "linear", "ttt_base_lr": 1.0, "mini_batch_size": 16, "pre_conv": False,
+    "conv_kernel": 4,
+}
 #: non-persistent buffers some exports contain; never parameters
 _IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq", "token_idx_buffer")
 
@@ -66,15 +75,16 @@ def config_from_official(config: Mapping[str, Any] | Any) -> TTTConfig:
             config = json.load(fh)
     if not isinstance(config, Mapping):
         config = config.to_dict() if hasattr(config, "to_dict") else vars(config)
-    missing = [f for f in OFFICIAL_CONFIG_FIELDS if f not in config]
-    if missing:
-        raise OfficialCheckpointError(f"official config lacks the fields {missing}")
+    config = {**OFFICIAL_DEFAULTS, **config}  # fields left out take the official port's defaults
     layer_type = config["ttt_layer_type"]
     if layer_type not in TTT_LAYER_TYPES:
         raise OfficialCheckpointError(f"unknown ttt_layer_type {layer_type!r}; the official port defines "
                                       f"{TTT_LAYER_TYPES}")
     fields = {f: config[f] for f in OFFICIAL_CONFIG_FIELDS}
     fields.update({f: config[f] for f in _OPTIONAL_CONFIG_FIELDS if f in config})
+    # the official default use_cache=False would make generate() recompute the whole prefix every token;
+    # this model's cache is exact, so loaded checkpoints decode with it
+    fields["use_cache"] = True
     group = config.get("scan_checkpoint_group_size")
     if group:
         fields["remat_group_size"] = int(group)
@@ -252,6 +262,7 @@ def load_official_pretrained(directory: str | os.PathLike, dtype: torch.dtype | 
 
 __all__ = [
     "OFFICIAL_CONFIG_FIELDS",
+    "OFFICIAL_DEFAULTS",
     "OfficialCheckpointError",
     "check_official_state_dict",
     "config_from_official",

@@ -1,5 +1,5 @@
 """The package's imports only run downward: util <- ops <- layers <- models <- data/training <-
-evaluation/study <- cli (benchmarks and interop sit beside the layers they use)."""
+evaluation/study/export <- cli (benchmarks and interop sit beside the layers they use)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "src" / "ttt"
 RANK = {
     "util": 0, "ops": 1, "layers": 2, "models": 3, "interop": 4, "data": 4, "training": 5,
-    "benchmarks": 6, "evaluation": 6, "study": 7, "cli": 8, "__main__": 9, "__init__": 3,
+    "benchmarks": 6, "evaluation": 6, "study": 7, "export": 7, "cli": 8, "__main__": 9, "__init__": 3,
 }
 
 

@@ -7,6 +7,7 @@ import torch
 from ttt_model_helpers import VOCAB, build_model
 
 from ttt.interop import (
+    OFFICIAL_DEFAULTS,
     OfficialCheckpointError,
     config_from_official,
     export_official,
@@ -98,9 +99,49 @@ def test_clear_errors() -> None:
         load_official(bad, config)
     with pytest.raises(OfficialCheckpointError, match="unknown ttt_layer_type"):
         load_official(state, {**config, "ttt_layer_type": "transformer"})
-    with pytest.raises(OfficialCheckpointError, match="lacks the fields"):
-        config_from_official({"hidden_size": 32})
     # a TTT-Linear config against TTT-MLP weights
     with pytest.raises(OfficialCheckpointError, match="W2"):
         load_official(state, {**config, "ttt_layer_type": "linear"})
     assert issubclass(OfficialCheckpointError, ValueError)
+
+
+def test_official_config_saved_as_a_diff_takes_official_defaults() -> None:
+    """Repro: a real official config saved as a diff (no ``tie_word_embeddings``, default True) was
+    rejected; fields left out must take the official port's defaults."""
+    model = build_model("linear", "transformer", tie_word_embeddings=True)
+    state, config = export_official(model)
+    diff = {k: v for k, v in config.items() if k not in OFFICIAL_DEFAULTS or OFFICIAL_DEFAULTS[k] != v}
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the official model's ids are defaults
+        diff.pop(name, None)
+    assert "tie_word_embeddings" not in diff and "ttt_layer_type" not in diff
+    cfg = config_from_official(diff)
+    assert cfg.tie_word_embeddings is True and cfg.bos_token_id == 1 and cfg.eos_token_id == 2
+    assert cfg.mini_batch_size == model.config.mini_batch_size
+    state.pop("lm_head.weight")
+    loaded = load_official(state, diff)
+    x = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    # an empty config is the official 1B-style default model
+    assert config_from_official({}).hidden_size == 2048
+
+
+def test_loaded_official_checkpoint_decodes_with_the_cache() -> None:
+    """Repro: load_official copied the official default use_cache=False, so generate() recomputed the
+    whole prefix for every new token."""
+    model = build_model("mlp", "mamba")
+    state, config = export_official(model)
+    config["use_cache"] = False  # as the official port writes it
+    loaded = load_official(state, config)
+    assert loaded.config.use_cache is True
+    lengths: list[int] = []
+    loaded.model.register_forward_pre_hook(lambda mod, args, kw: lengths.append(kw["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    prompt = torch.randint(0, VOCAB, (1, 6))
+    out = loaded.generate(prompt, max_new_tokens=5, do_sample=False)
+    assert lengths == [6, 1, 1, 1, 1]  # prefill once, then one token per step
+    with torch.no_grad():
+        ids = prompt
+        for _ in range(5):  # greedy decoding without a cache, recomputing everything
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(out, ids)

@@ -230,3 +230,34 @@ def encode_documents(tokenizer: PreTrainedTokenizerFast | Tokenizer, texts: Sequ
     backend = tokenizer if isinstance(tokenizer, Tokenizer) else text_encoder(tokenizer)
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+
+
+#: the folder of a run directory that holds the tokenizer the run was trained with
+RUN_TOKENIZER_DIR = "tokenizer"
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) -> Path:
+    """Write ``tokenizer`` with ``save_pretrained`` into ``directory`` atomically
+    (:func:`ttt.util.files.atomic_dir`): an existing folder is replaced only once the new one is complete.
+    """
+    from ttt.util.files import atomic_dir
+
+    with atomic_dir(directory, replace=True) as tmp:
+        tokenizer.save_pretrained(str(tmp))
+    return Path(directory)
+
+
+def run_tokenizer(run_dir: str | Path) -> PreTrainedTokenizerFast | None:
+    """The tokenizer saved in a run directory (``run_dir/tokenizer``), or None if the run has none."""
+    folder = Path(run_dir) / RUN_TOKENIZER_DIR
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    return load_tokenizer(folder)
+
+
+def describe_tokenizer(tokenizer: PreTrainedTokenizerFast, source: str) -> dict[str, object]:
+    """What an evaluation reports about its tokenizer: where it came from, its size and fingerprint."""
+    model = tokenizer.backend_tokenizer.model
+    kind = "byte" if is_byte_tokenizer(tokenizer) else type(model).__name__.lower()
+    return {"source": source, "kind": kind, "vocab_size": len(tokenizer),
+            "sha256": tokenizer_fingerprint(tokenizer)[:16], "eos_token_id": tokenizer.eos_token_id}

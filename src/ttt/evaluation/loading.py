@@ -14,6 +14,7 @@ Accepted paths:
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,15 @@ from ttt.training.config import RUN_CONFIG
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
+EXPORT_RUN_FILE = "ttt_run.json"
+
+
 class ModelLoadError(FileNotFoundError):
     """No loadable model at the given path (clear message for the command line)."""
+
+
+class TokenizerMismatch(ValueError):
+    """The tokenizer is not the model's (clear message for the command line)."""
 
 
 @dataclass
@@ -41,6 +49,7 @@ class LoadedModel:
     model_dir: Path
     run_dir: Path | None = None
     run_config: dict[str, Any] = field(default_factory=dict)
+    tokenizer_dir: Path | None = None  # the folder the tokenizer was loaded from
 
 
 def _is_model_dir(p: Path) -> bool:
@@ -83,9 +92,14 @@ def find_model_dir(path: str | Path) -> tuple[Path, Path | None]:
 
 def read_run_config(run_dir: Path | None, model_dir: Path | None = None) -> dict[str, Any]:
     """The training configuration of a run as a dict (``TrainConfig.to_dict()``; empty if none found):
-    the one a checkpoint's ``meta.json`` records, else the run's ``config.yaml``."""
+    the one a checkpoint's ``meta.json`` records (or an exported model's ``ttt_run.json``), else the
+    run's ``config.yaml``."""
     if model_dir is not None and (model_dir / "meta.json").is_file():
         meta = open_checkpoint(model_dir, verify=False).meta
+        if isinstance(meta.get("config"), dict):
+            return meta["config"]
+    if model_dir is not None and (model_dir / EXPORT_RUN_FILE).is_file():
+        meta = json.loads((model_dir / EXPORT_RUN_FILE).read_text())
         if isinstance(meta.get("config"), dict):
             return meta["config"]
     if run_dir is not None and (run_dir / RUN_CONFIG).is_file():
@@ -117,14 +131,74 @@ def run_data(run_config: dict[str, Any], source: str | None = None, tokenizer: s
     return prepare_data(DataConfig(**fields), cache)
 
 
+def tokenizer_dir(model_dir: Path, run_dir: Path | None = None) -> Path | None:
+    """The folder of the tokenizer saved with the model or in its run directory (None if none)."""
+    for d in (model_dir, *([run_dir / "tokenizer", run_dir] if run_dir else [])):
+        if d is not None and d.is_dir() and (d / "tokenizer.json").is_file():
+            return d
+    return None
+
+
 def load_tokenizer(model_dir: Path, run_dir: Path | None = None) -> Any | None:
     """The tokenizer saved with the model or in the run directory (None if there is none)."""
-    from transformers import AutoTokenizer
+    from ttt.data.tokenizer import load_tokenizer as load
 
-    for d in (model_dir, *([run_dir, run_dir / "tokenizer"] if run_dir else [])):
-        if d is not None and d.is_dir() and any((d / n).is_file() for n in TOKENIZER_FILES):
-            return AutoTokenizer.from_pretrained(str(d))
-    return None
+    found = tokenizer_dir(model_dir, run_dir)
+    return None if found is None else load(found)
+
+
+def check_tokenizer_fits(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Raise :class:`TokenizerMismatch` if ``tokenizer`` cannot be the model's tokenizer.
+
+    Its ids must fit the model's vocabulary, and the end-of-text id must agree with the model config's.
+    """
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > int(vocab):
+        raise TokenizerMismatch(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary holds "
+                                f"{vocab}: it is not this model's tokenizer")
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, int) and tokenizer.eos_token_id is not None and eos != tokenizer.eos_token_id:
+        raise TokenizerMismatch(f"the tokenizer's end-of-text id is {tokenizer.eos_token_id} but the "
+                                f"model's is {eos}: it is not this model's tokenizer")
+
+
+def resolve_tokenizer(loaded: LoadedModel, spec: str | None = None) -> tuple[Any, str]:
+    """The tokenizer to use with a loaded model and where it came from: exactly the one saved with the
+    model or its run. ``spec`` ('byte' or a tokenizer folder / Hub name) is only for models saved without
+    one; it must not contradict a saved tokenizer.
+
+    Raises:
+        TokenizerMismatch: ``spec`` differs from the saved tokenizer, the model has no saved tokenizer and
+            its run did not use the byte tokenizer, or the tokenizer does not fit the model.
+    """
+    from ttt.data.tokenizer import build_tokenizer, tokenizer_fingerprint
+
+    tok, source = loaded.tokenizer, str(loaded.tokenizer_dir) if loaded.tokenizer_dir else None
+    run_tok = str((loaded.run_config.get("data") or {}).get("tokenizer") or "byte")
+    if spec is not None:
+        if str(spec).strip().lower() == "bpe":
+            raise TokenizerMismatch("--tokenizer bpe would train a new tokenizer; give the folder of the "
+                                    "tokenizer the model was trained with")
+        try:
+            wanted = build_tokenizer(spec)
+        except ValueError as e:
+            raise TokenizerMismatch(str(e)) from None
+        if tok is not None and tokenizer_fingerprint(wanted) != tokenizer_fingerprint(tok):
+            raise TokenizerMismatch(f"{loaded.model_dir} comes with its own tokenizer ({source}), which "
+                                    f"differs from --tokenizer {spec}; drop --tokenizer")
+        if tok is None:
+            tok, source = wanted, str(spec)
+    if tok is None:
+        if run_tok.lower() != "byte":
+            raise TokenizerMismatch(f"{loaded.model_dir} holds no saved tokenizer and its run used tokenizer "
+                                    f"{run_tok!r}; pass --tokenizer with the folder of that tokenizer")
+        if not loaded.run_config:
+            raise TokenizerMismatch(f"{loaded.model_dir} holds no tokenizer and no training run to tell "
+                                    "which one it needs; pass --tokenizer")
+        tok, source = build_tokenizer("byte"), "byte"
+    check_tokenizer_fits(loaded.model, tok)
+    return tok, source
 
 
 def model_from_checkpoint(ckpt_dir: Path) -> torch.nn.Module:
@@ -184,10 +258,25 @@ def load_model(
             model = model.to(dtype)
     model = model.to(device)
     model.eval()
+    tok_dir = tokenizer_dir(model_dir, run_dir)
+    tok_dir = tok_dir.resolve() if tok_dir is not None else None
+    tok = load_tokenizer(model_dir, run_dir)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):  # trained without; decode with the cache
+        config.use_cache = True
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.use_cache = True
+    if tok is not None and config is not None:
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(config, name, None) is None and getattr(tok, name, None) is not None:
+                setattr(config, name, getattr(tok, name))
+                if getattr(model, "generation_config", None) is not None:
+                    setattr(model.generation_config, name, getattr(tok, name))
     return LoadedModel(
         model=model,
-        tokenizer=load_tokenizer(model_dir, run_dir),
+        tokenizer=tok,
         model_dir=model_dir,
         run_dir=run_dir,
         run_config=read_run_config(run_dir, model_dir),
+        tokenizer_dir=tok_dir,
     )

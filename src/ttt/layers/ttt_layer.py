@@ -199,10 +199,14 @@ class TTTLayer(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"input must be floating point, got {x.dtype}")
         bsz = x.shape[0]
+        if bsz == 0:
+            raise ValueError("empty batch: the input has batch size 0")
         if lengths is not None:
             if lengths.shape != (bsz,) or lengths.dtype.is_floating_point:
                 raise ValueError(f"lengths must be an integer tensor of shape [{bsz}], got "
                                  f"{tuple(lengths.shape)} {lengths.dtype}")
+            if x.shape[1] > 0 and not bool((lengths > 0).any()):
+                raise ValueError("lengths are all 0: no row of the batch holds a real token")
         if state is None:
             return
         if not isinstance(state, TTTLayerState):
@@ -211,6 +215,11 @@ class TTTLayer(nn.Module):
         if tuple(state.inner.W1.shape) != want or state.inner.is_mlp != (self.ttt_layer_type == "mlp"):
             raise ValueError(f"state does not fit this layer/input: state.inner.W1 has shape "
                              f"{tuple(state.inner.W1.shape)}, expected {want} ({self.ttt_layer_type})")
+        pos = state.inner.pos
+        if bool(((pos < 0) | (pos >= self.mini_batch_size)).any()):
+            raise ValueError(f"state position {pos.tolist()} does not fit this layer's mini_batch_size "
+                             f"{self.mini_batch_size} (a state carried from a layer with another mini-batch "
+                             "size?)")
         if state.inner.W1.device != x.device:
             raise ValueError(f"state is on {state.inner.W1.device} but the input is on {x.device}")
         if state.inner.W1.dtype != _inner_dtype(self.W1.dtype):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -91,10 +92,12 @@ class TTTConfig(PreTrainedConfig):
                 setattr(self, name, float(value))
         self._check_values()
         super().__post_init__(**kwargs)
-        # first config created: make the model classes known to AutoModel / AutoModelForCausalLM
-        from . import register_auto_classes
-
-        register_auto_classes()
+        # first config created: make the model classes known to AutoModel / AutoModelForCausalLM. Looked up
+        # without an import: the exported copy of this file (ttt.models.remote_code) has no such package
+        # and relies on the config's auto_map instead.
+        register = getattr(sys.modules.get(__name__.rpartition(".")[0]), "register_auto_classes", None)
+        if register is not None:
+            register()
 
     def _check_values(self) -> None:
         """Raise a clear ``ValueError`` for inconsistent values."""

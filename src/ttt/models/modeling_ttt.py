@@ -22,6 +22,8 @@ returned holds the state after each row's last document.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import fields, is_dataclass, replace
 
 import torch
@@ -44,6 +46,7 @@ from ..ops.layout import (
 )
 from .cache_ttt import CACHE_KEY, TTTCache
 from .configuration_ttt import TTTConfig
+from .training_run import find_training_checkpoint, verify_weights
 
 logger = logging.get_logger(__name__)
 
@@ -154,6 +157,43 @@ def _where_state(keep: Tensor, a: TTTLayerState, b: TTTLayerState) -> TTTLayerSt
     return pick(a, b)
 
 
+def _rows_starting_fresh(position_ids: Tensor | None, real: Tensor | None, bsz: int, length: int
+                         ) -> Tensor | None:
+    """``[B]`` bool: rows whose first real token has position 0 (a new document; None if no row does)."""
+    if position_ids is None:
+        return None
+    pos = (position_ids.unsqueeze(0) if position_ids.dim() == 1 else position_ids).expand(bsz, length)
+    if real is None:
+        first = pos[:, 0] == 0
+    else:
+        idx = real.long().argmax(1, keepdim=True)  # first real token (0 for an all-padding row)
+        first = (pos.gather(1, idx).squeeze(1) == 0) & real.any(1)
+    return first if bool(first.any()) else None
+
+
+def _state_requires_grad(state: TTTLayerState | None, conv: Tensor | None) -> bool:
+    if state is None:
+        return conv is not None and conv.requires_grad
+    tensors = (*state.inner.weights(), *state.inner.grads(), state.conv_q, state.conv_k, conv)
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _check_checkpointing(block: TTTBlock, state: TTTLayerState | None, conv: Tensor | None) -> None:
+    """Refuse reentrant gradient checkpointing through a carried state that needs gradients.
+
+    Reentrant ``torch.utils.checkpoint`` only sees tensor arguments, so the gradient reaching a carried
+    :class:`TTTCache` (truncated back-propagation through time) would silently be dropped.
+    """
+    if not (block.gradient_checkpointing and block.training and torch.is_grad_enabled()):
+        return
+    func = getattr(block, "_gradient_checkpointing_func", None)
+    reentrant = getattr(func, "keywords", {}).get("use_reentrant", True)
+    if reentrant and _state_requires_grad(state, conv):
+        raise ValueError("reentrant gradient checkpointing cannot back-propagate into a carried TTTCache "
+                         "state; enable it with gradient_checkpointing_kwargs={'use_reentrant': False} "
+                         "(or detach the cache)")
+
+
 # Keyword arguments of the transformers attention/cache plumbing that a recurrent model has no use for.
 _IGNORED_KWARGS = ("cu_seq_lens_k", "max_length_q", "max_length_k", "cache_position", "output_attentions")
 # Keyword arguments forwarded to ``self.loss_function``.
@@ -181,6 +221,29 @@ class TTTPreTrainedModel(PreTrainedModel):
     _is_stateful = True
     _supports_sdpa = False
     _supports_flash_attn = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, which also accepts a ``ttt train`` run directory (its
+        latest checkpoint) or one of its checkpoint directories; the model then decodes with the cache.
+        """
+        ckpt = (find_training_checkpoint(pretrained_model_name_or_path)
+                if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) else None)
+        if ckpt is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        meta = verify_weights(ckpt)
+        fields = dict(meta.get("model_config") or {})
+        if fields.get("model_type") != TTTConfig.model_type:
+            raise ValueError(f"checkpoint {ckpt} holds a {meta.get('arch') or fields.get('model_type')!r} "
+                             f"model, not a TTT model")
+        config = kwargs.pop("config", None)
+        if config is None:
+            config = TTTConfig.from_dict(fields)
+            config.use_cache = True  # trained with use_cache=False; inference decodes with the cache
+        with tempfile.TemporaryDirectory() as tmp:  # a standard HF layout pointing at the checkpoint
+            os.symlink(os.path.abspath(ckpt / "model.safetensors"), os.path.join(tmp, "model.safetensors"))
+            config.save_pretrained(tmp)
+            return super().from_pretrained(tmp, *model_args, config=config, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -320,8 +383,13 @@ class TTTModel(TTTPreTrainedModel):
         if cu_seqlens is not None and position_ids is None:
             position_ids = position_ids_from_cu_seqlens(cu_seqlens, bsz, length)
         real = real_token_mask(attention_mask, bsz, length)
+        if real is not None and not bool(real.any()):
+            raise ValueError("attention_mask marks every token of the batch as padding: nothing to run")
         restarts = document_starts(position_ids, real, bsz, length)
         layout = build_layout(real, restarts, bsz, length)
+        # with a carried state, a row whose first token has position 0 starts a new document here
+        fresh_rows = (_rows_starting_fresh(position_ids, real, bsz, length)
+                      if cache is not None and cache.is_initialized else None)
 
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         lengths = None
@@ -333,7 +401,8 @@ class TTTModel(TTTPreTrainedModel):
         for i, block in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden.append(hidden)
-            state_in, conv_in = self._incoming_state(block, cache, i, layout, hidden)
+            state_in, conv_in = self._incoming_state(block, cache, i, layout, hidden, fresh_rows)
+            _check_checkpointing(block, state_in, conv_in)
             hidden, state, conv_state = block(hidden, state_in, conv_in, lengths)
             if use_cache:
                 state, conv_state = self._outgoing_state(state, conv_state, layout)
@@ -356,20 +425,33 @@ class TTTModel(TTTPreTrainedModel):
 
     @staticmethod
     def _incoming_state(block: TTTBlock, cache: TTTCache | None, idx: int, layout: SegmentLayout | None,
-                        hidden: Tensor) -> tuple[TTTLayerState | None, Tensor | None]:
-        """States the block starts from: the cached rows' (first segments) or fresh ones."""
+                        hidden: Tensor, fresh_rows: Tensor | None = None
+                        ) -> tuple[TTTLayerState | None, Tensor | None]:
+        """States the block starts from: the cached rows' (first segments) or fresh ones.
+
+        ``fresh_rows [B]`` marks rows whose first token starts a new document: they drop the cached state.
+        """
         state = conv = None
         if cache is not None and idx < len(cache) and cache.layer_states[idx] is not None:
             state, conv = cache.layer_states[idx], cache.conv_states[idx]
-        if state is None or layout is None or layout.is_one_segment_per_row:
+        if state is None:
             return state, conv
-        # packed documents continuing a cache: row's first segment continues it, the others start fresh
-        n = layout.num_segments
+        if layout is None or layout.is_one_segment_per_row:
+            if fresh_rows is None:
+                return state, conv
+            keep, rows = ~fresh_rows, None
+        else:
+            # packed documents continuing a cache: row's first segment continues it, the others start fresh
+            rows = layout.rows
+            keep = layout.first if fresh_rows is None else layout.first & ~fresh_rows.index_select(0, rows)
+        n = keep.shape[0]
         fresh = block.seq_modeling_block.init_state(n, device=hidden.device)
-        state = _where_state(layout.first, state.index_select(layout.rows), fresh)
+        if rows is not None:
+            state = state.index_select(rows)
+            conv = None if conv is None else conv.index_select(0, rows)
+        state = _where_state(keep, state, fresh)
         if conv is not None:
-            keep = layout.first.view(-1, 1, 1)
-            conv = torch.where(keep, conv.index_select(0, layout.rows), torch.zeros_like(conv[:1]))
+            conv = torch.where(keep.view(-1, 1, 1), conv, torch.zeros_like(conv[:1]))
         return state, conv
 
     @staticmethod

@@ -11,9 +11,13 @@ Layout of a run directory::
             trainer_state.json      step, tokens, data sampler, RNG states (python/numpy/torch/cuda)
             meta.json               arch, size, model config, parameter shapes, batch geometry, train
                                     config, ``files`` (sha256 and size of the three files above) and
-                                    ``meta_sha256`` (a digest of meta.json's own content)
+                                    ``meta_sha256`` (a digest of meta.json's own content);
+                                    ``tokenizer_sha256`` (fingerprint of the run's tokenizer) and
+                                    ``tokenizer_files`` (sha256 and size of each file of ``tokenizer/``)
         latest                      name of the newest complete checkpoint
         superseded/                 checkpoints set aside when a run resumed from an older one
+    tokenizer/                  the tokenizer the run trains with (``save_pretrained`` layout), verified
+                                against the checkpoint's ``tokenizer_files`` whenever a checkpoint is opened
 
 No code runs when a checkpoint is read: tensors are safetensors and everything else is JSON (no pickle,
 no ``torch.load``). Format 1 checkpoints (pickled ``.pt`` files) are refused.
@@ -70,6 +74,7 @@ MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, META_FILE = (
 DATA_FILES = (MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE)  # checksummed in meta.json
 FILES = (*DATA_FILES, META_FILE)
 LOCK_FILE = ".lock"
+TOKENIZER_DIR = "tokenizer"  # = ttt.data.tokenizer.RUN_TOKENIZER_DIR
 SUPERSEDED = "superseded"
 _OPTIM_KEY = "ttt_optimizer"  # safetensors header entry holding the optimizer's JSON structure
 _HASH_CHUNK = 1 << 22
@@ -528,6 +533,16 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def tokenizer_files(run_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of each file of the run's ``tokenizer/`` folder (recorded in every checkpoint's
+    ``meta.json`` as ``tokenizer_files``; empty if the run has none)."""
+    folder = Path(run_dir) / TOKENIZER_DIR
+    if not folder.is_dir():
+        return {}
+    return {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size}
+            for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith(".")}
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -671,6 +686,13 @@ def read_meta(path: Path) -> dict[str, Any]:
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                 and type(entry.get("bytes")) is int):
             raise _fail(path, f"meta.json files[{name!r}] must hold sha256 and bytes")
+    if "tokenizer_sha256" in meta:
+        _field(meta, "tokenizer_sha256", str, path)
+    if "tokenizer_files" in meta:
+        for name, entry in _field(meta, "tokenizer_files", dict, path).items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                    and type(entry.get("bytes")) is int) or "/" in name or name.startswith("."):
+                raise _fail(path, f"meta.json tokenizer_files[{str(name)[:60]!r}] must hold sha256 and bytes")
     return meta
 
 
@@ -694,13 +716,38 @@ def verify_files(path: Path, meta: dict[str, Any], names: tuple[str, ...] = DATA
             raise _fail(path, f"{name} is unreadable ({e.strerror or e})") from None
 
 
+def verify_tokenizer(path: Path, run_dir: Path | None, meta: dict[str, Any]) -> None:
+    """Check the run's ``tokenizer/`` files against the checkpoint's ``tokenizer_files`` (size and sha256).
+
+    Checkpoints without ``tokenizer_files`` and checkpoints outside a run directory are not checked.
+
+    Raises:
+        CheckpointError: a tokenizer file is missing or differs (the message names it).
+    """
+    recorded = meta.get("tokenizer_files")
+    if not recorded or run_dir is None:
+        return
+    folder = run_dir / TOKENIZER_DIR
+    for name, want in recorded.items():
+        file = folder / name
+        if not file.is_file():
+            raise _fail(path, f"the run's tokenizer file {file} is missing (meta.json tokenizer_files)")
+        try:
+            if file.stat().st_size != want["bytes"] or _sha256(file) != want["sha256"]:
+                raise _fail(path, f"the run's tokenizer file {file} differs from the one this checkpoint was "
+                                  "trained with (meta.json tokenizer_files)")
+        except OSError as e:
+            raise _fail(path, f"the run's tokenizer file {file} is unreadable ({e.strerror or e})") from None
+
+
 def open_checkpoint(path: str | Path, verify: bool = True) -> CheckpointInfo:
     """Open a checkpoint for reading: the one entry point of the trainer, eval, generate and export.
 
     Args:
         path: a checkpoint directory (``.../checkpoints/step_N``), a run directory or its ``checkpoints``
             folder (the run's latest checkpoint, by the ``latest`` rule of the module docstring).
-        verify: check every file's sha256 against ``meta.json`` (reads all files once).
+        verify: check every file's sha256 against ``meta.json`` (reads all files once), and the run's
+            tokenizer files against ``tokenizer_files`` (:func:`verify_tokenizer`).
 
     Returns:
         a :class:`CheckpointInfo` with the validated meta and the verified file paths.
@@ -723,6 +770,7 @@ def open_checkpoint(path: str | Path, verify: bool = True) -> CheckpointInfo:
     meta = read_meta(p)
     if verify:
         verify_files(p, meta)
+        verify_tokenizer(p, run_dir, meta)
     return CheckpointInfo(path=p, run_dir=run_dir, step=meta["step"], meta=meta,
                           files={name: p / name for name in FILES}, note=note)
 
@@ -821,6 +869,8 @@ __all__ = [
     "checkpoint_dir",
     "clean_leftovers",
     "latest_checkpoint",
+    "tokenizer_files",
+    "verify_tokenizer",
     "latest_state",
     "list_checkpoints",
     "load_checkpoint_files",

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ttt.data import IGNORE_INDEX, DataBundle, PackedRows, prepare_data
+from ttt.data.tokenizer import tokenizer_fingerprint
 from ttt.models.registry import TTT_ARCHS, build_model, model_max_length
 from ttt.util.files import atomic_write_json, atomic_write_text
 
@@ -178,6 +179,8 @@ class Trainer:
                 self._main_log(f"resume: {note}")
             self._schedule_note(saved_cfg, meta)
         self.data = self._prepare_data()
+        if info.is_main:  # a resume with another tokenizer fails before anything is written
+            self._keep_run_tokenizer(write=False)
         model = build_for_training(cfg, len(self.data.tokenizer))
         self.n_params = model.num_parameters()
         self.n_params_non_embedding = model.num_parameters(exclude_embeddings=True)
@@ -247,6 +250,23 @@ class Trainer:
         self.val_rows = val if val is not None and len(val) else None
         return bundle
 
+    def _keep_run_tokenizer(self, write: bool = True) -> None:
+        """The run directory holds the tokenizer it trains with (``run_dir/tokenizer``): saved (``write``)
+        on a fresh run; on resume it must be the one the data was just tokenized with (issue 10)."""
+        from ttt.data.tokenizer import RUN_TOKENIZER_DIR, run_tokenizer, save_tokenizer
+
+        saved = run_tokenizer(self.run_dir)
+        want = tokenizer_fingerprint(self.data.tokenizer)
+        same = saved is not None and tokenizer_fingerprint(saved) == want
+        if self.resume_path is None or saved is None:
+            if write and not same:
+                save_tokenizer(self.data.tokenizer, self.run_dir / RUN_TOKENIZER_DIR)
+        elif not same:
+            raise ConfigError(
+                f"the tokenizer built from the data settings differs from the one this run was trained with "
+                f"({self.run_dir / RUN_TOKENIZER_DIR}); did the corpus change? Use "
+                f"data.tokenizer={self.run_dir / RUN_TOKENIZER_DIR} to continue with the run's tokenizer")
+
     def banner(self) -> str:
         """What is trained, where, on what: the start-up line(s)."""
         cfg, d = self.cfg, self.data
@@ -270,7 +290,9 @@ class Trainer:
             meta = {"arch": self.cfg.model.arch, "size": self.cfg.model.size, "tokens": self.tokens,
                     "model_config": self.raw_model.config.to_dict(), "world_size": self.dist.world_size,
                     "global_batch": self.global_batch, "seq_len": self.cfg.data.seq_len,
-                    "total_steps": self.total_steps, "config": self.cfg.to_dict()}
+                    "total_steps": self.total_steps, "config": self.cfg.to_dict(),
+                    "tokenizer_sha256": tokenizer_fingerprint(self.data.tokenizer),
+                    "tokenizer_files": ckpt.tokenizer_files(self.run_dir)}
             path = ckpt.save_checkpoint(self.run_dir, self.step, model_sd, optim_sd, trainer_state, meta,
                                         keep=self.cfg.checkpoint.keep)
         D.barrier(self.dist)
@@ -420,6 +442,7 @@ class Trainer:
         resumed = self.resume_path is not None
         if main:
             atomic_write_text(self.run_dir / RUN_CONFIG, print_config(cfg))
+            self._keep_run_tokenizer()
         self._main_log(self.banner())
         if resumed:
             self._main_log(f"resuming from {self.resume_path} (step {self.step})")

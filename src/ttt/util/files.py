@@ -63,4 +63,43 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-__all__ = ["atomic_open", "atomic_write_json", "atomic_write_text", "fsync_dir"]
+@contextmanager
+def atomic_dir(path: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path`` to fill; when the block ends without an error, flush its
+    files and rename it onto ``path`` (an existing ``path`` is swapped out only with ``replace``, and
+    removed after the new folder is in place); otherwise remove it.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``replace`` is false.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(tmp)
+        if path.exists() or path.is_symlink():
+            if not replace:
+                raise FileExistsError(f"{path} already exists")
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["atomic_dir", "atomic_open", "atomic_write_json", "atomic_write_text", "fsync_dir"]
