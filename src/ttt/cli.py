@@ -35,7 +35,7 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 BENCHMARKS = {"layer": "layer_speed", "decode": "decode_speed", "train": "train_speed",
-              "backends": "backends", "prepare": "prepare_speed", "gpu": "gpu"}
+              "backends": "backends", "scan": "scan_speed", "prepare": "prepare_speed", "gpu": "gpu"}
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -568,11 +568,11 @@ def data_info_cmd(path: Path = typer.Argument(..., help="A prepared directory.")
 def bench_cmd(
     ctx: typer.Context,
     which: str = typer.Argument(
-        ..., help="layer | decode | train | backends | prepare | gpu | all (later arguments: the "
+        ..., help="layer | decode | train | backends | scan | prepare | gpu | all (later arguments: the "
                   "benchmark's)."
     ),
 ) -> None:
-    """Speed benchmarks (ttt.benchmarks: layer, decode, train, backends, prepare, gpu); arguments after
+    """Speed benchmarks (ttt.benchmarks: layer, decode, train, backends, scan, prepare, gpu); arguments after
     WHICH go to the benchmark.
 
     Use -- to pass options the benchmark shares with this command: ttt bench layer -- --help.

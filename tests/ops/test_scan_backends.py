@@ -285,11 +285,12 @@ def test_fresh_process_without_compiler_uses_torch_scan(tmp_path) -> None:
     assert not list((tmp_path / "cache").rglob("*.so"))
 
 
-def test_scan_speed_benchmark_smoke() -> None:
+def test_scan_speed_benchmark_smoke(tmp_path) -> None:
     from ttt.benchmarks import scan_speed
 
     rows = scan_speed.main(["--lengths", "32", "--rounds", "1", "--backends", "torch", "--heads", "2",
-                            "--head-dim", "8"])
+                            "--head-dim", "8", "--out", str(tmp_path)])
+    assert (tmp_path / "scan_speed.json").exists() and (tmp_path / "scan_speed.md").exists()
     assert [(r["layer"], r["phase"]) for r in rows] == [
         ("ttt_linear", "fwd"), ("ttt_linear", "fwd+bwd"), ("ttt_mlp", "fwd"), ("ttt_mlp", "fwd+bwd")]
     assert all(r["torch_ms"] > 0 for r in rows)

@@ -12,14 +12,17 @@ matmul FLOP rate as a fraction of that peak. The kernels' own efficiency, withou
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..ops.scan import BACKENDS, default_group, get_backend
+from .common import RESULTS_DIR, machine_info, markdown_table, write_results
 
 
 def scan_inputs(rows: int, n_mb: int, mb: int, f: int, mlp: bool, seed: int = 0) -> tuple[Any, ...]:
@@ -114,11 +117,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--mini-batch", type=int, default=16)
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=str(RESULTS_DIR), help="folder for scan_speed.{json,md}")
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(raw)
     bad = [n for n in args.lengths if n % args.mini_batch or n <= 0]
     if bad:
         p.error(f"lengths must be positive multiples of the mini-batch size {args.mini_batch}, got {bad}")
-    return run(args.lengths, args.backends, args.rounds, args.heads, args.head_dim, args.mini_batch)
+    rows = run(args.lengths, args.backends, args.rounds, args.heads, args.head_dim, args.mini_batch)
+    payload = {"benchmark": "scan_speed", "command": "python -m ttt.benchmarks.scan_speed " + " ".join(raw),
+               "machine": machine_info("cpu"), "dtype": "float32", "heads": args.heads,
+               "head_dim": args.head_dim, "mini_batch": args.mini_batch, "batch": 1, "results": rows}
+    names = args.backends
+    headers = ["layer", "length", "phase", *[f"{n} ms" for n in names],
+               *[f"{n} / {names[0]}" for n in names[1:]], *[f"{n} fwd % of peak" for n in names]]
+    table = markdown_table(headers, [
+        [r["layer"], r["length"], r["phase"], *[r[f"{n}_ms"] for n in names],
+         *[r[f"{n}_vs_{names[0]}"] for n in names[1:]],
+         *[100 * r[f"{n}_frac_of_peak"] if f"{n}_frac_of_peak" in r else "-" for n in names]]
+        for r in rows])
+    print(table)
+    write_results("scan_speed", payload, table, Path(args.out))
+    return rows
 
 
 if __name__ == "__main__":
