@@ -314,3 +314,21 @@ def test_cpp_scan_is_the_same_on_more_threads(kind) -> None:
         torch.set_num_threads(threads)
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_padding_chunk_leaves_state_untouched(backend) -> None:
+    """Every row of a chunk is padding (lengths all 0, L > 0): zero output, the state unchanged."""
+    g = torch.Generator().manual_seed(3)
+    bsz, heads, length, f, mb = 2, 2, 5, 8, 4
+    x = [torch.randn(bsz, heads, length, f, generator=g) for _ in range(3)]
+    lr = torch.rand(bsz, heads, length, generator=g)
+    coef, ln_w, ln_b = torch.rand(mb, generator=g), torch.ones(heads, f), torch.zeros(heads, f)
+    state = InnerState.from_weights((torch.randn(heads, f, f, generator=g), torch.zeros(heads, 1, f)), bsz)
+    state.pos = torch.tensor([1, 3])
+    out, new = ttt_dual(*x, lr, coef, ln_w, ln_b, state, lengths=torch.zeros(bsz, dtype=torch.long),
+                        backend=backend)
+    assert out.shape == x[0].shape and out.abs().max() == 0
+    for a, b in zip(new.weights() + new.grads(), state.weights() + state.grads(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(new.pos, state.pos)
