@@ -30,7 +30,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 def _backend(name: str):
     impl = get_backend(name)
     if impl is None:
-        why = scan_mod._WHY_MISSING.get(name, "unavailable")
+        why = scan_mod.why_unavailable(name)
         if name == "cpp" and shutil.which(os.environ.get("CXX", "c++").split()[0]):
             pytest.fail(f"a C++ compiler exists but the cpp scan did not load: {why}")
         pytest.skip(f"backend {name} unavailable: {why}")

@@ -24,8 +24,8 @@ def _fused_decoder(xq: Tensor, tensors: tuple[Tensor, ...], state: InnerState):
     forced = name == "triton"
     impl = scan.get_backend("triton")
     if impl is None:
-        scan._warn_once(f"TTT scan backend 'triton' is unavailable ({scan._WHY_MISSING['triton']}); "
-                        "using the PyTorch decode step")
+        scan.warn_once(f"TTT scan backend 'triton' is unavailable ({scan.why_unavailable('triton')}); "
+                       "using the PyTorch decode step")
         return None
     reason = impl.decode_unsupported(xq, state)
     if reason is None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -33,8 +33,8 @@ def _fused_decoder(xq: Tensor, tensors: tuple[Tensor, ...], state: InnerState):
     if reason is None:
         return impl
     if forced:
-        scan._warn_once(f"TTT scan backend 'triton' does not support this decode step ({reason}); "
-                        "using the PyTorch decode step")
+        scan.warn_once(f"TTT scan backend 'triton' does not support this decode step ({reason}); "
+                       "using the PyTorch decode step")
     return None
 
 

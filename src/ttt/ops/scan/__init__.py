@@ -74,7 +74,8 @@ _WHY_MISSING: dict[str, str] = {}
 _WARNED: set[str] = set()
 
 
-def _warn_once(msg: str) -> None:
+def warn_once(msg: str) -> None:
+    """Issue ``msg`` as a ``RuntimeWarning`` the first time only (fallback notices)."""
     if msg not in _WARNED:
         _WARNED.add(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
@@ -92,6 +93,11 @@ def get_backend(name: str) -> ScanBackend | None:
             _LOADED[name] = None
             _WHY_MISSING[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
     return _LOADED[name]
+
+
+def why_unavailable(name: str) -> str:
+    """Why backend ``name`` could not be loaded (after :func:`get_backend` returned ``None``)."""
+    return _WHY_MISSING.get(name, "unavailable")
 
 
 def backend_status() -> dict[str, str]:
@@ -123,14 +129,14 @@ def resolve_backend(k: Tensor, ln_w: Tensor | None, state: tuple[Tensor, ...],
             break
         impl = get_backend(cand)
         if impl is None:
-            _warn_once(f"TTT scan backend '{cand}' is unavailable ({_WHY_MISSING[cand]}); "
+            warn_once(f"TTT scan backend '{cand}' is unavailable ({_WHY_MISSING[cand]}); "
                        "using the PyTorch scan")
             continue
         reason = impl.unsupported(k, ln_w, state)
         if reason is None:
             return impl
         if forced:
-            _warn_once(f"TTT scan backend '{cand}' does not support these inputs ({reason}); "
+            warn_once(f"TTT scan backend '{cand}' does not support these inputs ({reason}); "
                        "using the PyTorch scan")
     return _LOADED["torch"]
 

@@ -218,9 +218,9 @@ def _launch(cfg: Config, interpret: bool, rows: int, *args) -> bool:
     except Exception as exc:
         if type(exc).__name__ != "OutOfResources":
             raise
-        from . import _warn_once
+        from . import warn_once
 
-        _warn_once(f"TTT Triton kernel {cfg.kernel} {cfg.consts} does not fit this GPU ({exc}); "
+        warn_once(f"TTT Triton kernel {cfg.kernel} {cfg.consts} does not fit this GPU ({exc}); "
                    "using the PyTorch path")
         return False
     return True
