@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..layers import TTTMLP, TTTLinear
 from ..models.registry import build_model
 from ..ops.scan import BACKENDS, backend_status
 from .common import RESULTS_DIR, machine_info, markdown_table, matmul_peak_gflops, sync, write_results
 from .layer_speed import CausalSelfAttention, ttt_linear_forward_flops
+from .train_speed import train_step_fn
 
 TRAIN_SHAPE = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
                "intermediate_size": 1376}
@@ -143,17 +143,8 @@ def train_workload(length: int, backends: list[str], rounds: int, device: torch.
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
         ids = torch.randint(0, 256, (rows, length), device=device)
-
-        def step(model=model, opt=opt, ids=ids) -> None:
-            logits = model(input_ids=ids, use_cache=False).logits
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
         name = arch if backend is None else _ttt_arch_name(arch, backend)
-        cands[name] = step
+        cands[name] = train_step_fn(model, opt, ids, pass_positions=True, bf16=False)
         meta[name] = model.num_parameters()
     times = _rounds(cands, rounds, device)
     return [{"workload": "training step", "model": name, "mode": "train", "length": length, "batch": rows,

@@ -33,13 +33,15 @@ from ttt.models.registry import ARCHS, build_model
 DEFAULT_LENGTHS = (2048, 8192)
 
 
-def _train_step_fn(
+def train_step_fn(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     ids: torch.Tensor,
     pass_positions: bool,
     bf16: bool,
 ) -> Any:
+    """One training step as the trainer does it (forward, shifted cross-entropy, backward, clip 1.0,
+    optimizer step); returns a callable giving the step's loss."""
     device = ids.device
     positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
 
@@ -81,7 +83,7 @@ def prepare(
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
     rows = max(1, tokens_per_step // seq_len)
     ids = torch.randint(0, vocab_size, (rows, seq_len), device=device)
-    step = _train_step_fn(model, optimizer, ids, arch in ("ttt-linear", "ttt-mlp", "transformer"), bf16)
+    step = train_step_fn(model, optimizer, ids, arch in ("ttt-linear", "ttt-mlp", "transformer"), bf16)
     info = {
         "arch": arch,
         "size": size,

@@ -113,11 +113,12 @@ def ttt_dual(
         uniform = s_min == s_max
     else:
         n_vec = lengths.to(device=device, dtype=torch.long)
-        if int(n_vec.min()) < 0 or int(n_vec.max()) > length:
+        n_max = int(n_vec.max())
+        if int(n_vec.min()) < 0 or n_max > length:
             raise ValueError(f"lengths must lie in [0, {length}], got {lengths.tolist()}")
+        if n_max == 0:  # only padding: nothing touches the state
+            return xq.new_zeros(xq.shape).to(in_dtype), state
         uniform = s_min == s_max and bool((n_vec == length).all())
-    if int(n_vec.max()) == 0:  # only padding: nothing touches the state
-        return xq.new_zeros(xq.shape).to(in_dtype), state
     ends = starts + n_vec
     n_mb = -(-int(ends.max()) // mini_batch)
     total = n_mb * mini_batch
