@@ -398,10 +398,9 @@ def compare_cmd(
     report = run_study(cfg, out or Path("runs") / f"compare-{preset}", fresh=fresh, log=_plain)
     console.print()
     _plain(report.table_markdown)
-    sample = report.results.get("sample") or {}
-    if sample:
+    for sample in report.results.get("samples") or []:
         console.print()
-        console.rule(f"sample from {sample['arch']}", style="dim")
+        console.rule(f"sample from {sample['label']} ({sample['arch']})", style="dim")
         _plain(sample["prompt"] + sample["text"])
         console.rule(style="dim")
     console.print()

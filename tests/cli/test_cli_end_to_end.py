@@ -112,7 +112,7 @@ def test_compare_smoke_report(tmp_path) -> None:
         assert r["curve"] and r["latency"]["prefill_ms"] > 0 and r["tokens_per_s"] > 0
     for name in ("val_loss.png", "loss_by_position.png"):
         assert (out / name).stat().st_size > 1000
-    for name in ("report.md", "val_loss.png", "loss_by_position.png", "sample.txt"):
+    for name in ("report.md", "val_loss.png", "loss_by_position.png", "samples.md"):
         assert name in res.output
     # a second run reuses every finished run
     res = runner.invoke(app, ["compare", "--preset", "smoke", "--device", "cpu", "--out", str(out)])

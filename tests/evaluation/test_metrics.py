@@ -10,7 +10,7 @@ import torch
 from eval_helpers import synthetic_docs, tiny_llama
 
 from ttt.evaluation import EvalResult, EvaluationError, document_windows, evaluate, unigram_baseline
-from ttt.evaluation.metrics import bucket_positions, iter_documents, token_losses
+from ttt.evaluation.metrics import bucket_positions, bucket_stderr, iter_documents, token_losses
 
 
 def test_windows_stay_inside_documents() -> None:
@@ -52,6 +52,25 @@ def test_evaluate_matches_hf_loss_and_fields() -> None:
     d = res.to_dict()
     assert EvalResult.from_dict(d) == res
     assert all(math.isfinite(v) for v in d["bucket_loss"])
+
+
+def test_bucket_stderr_is_the_standard_error_over_windows() -> None:
+    model = tiny_llama()
+    docs = synthetic_docs(n=3, length=64)
+    res = evaluate(model, docs, seq_len=32, num_buckets=4, bucket_spacing="linear")
+    losses = token_losses(model, document_windows(docs, 32)).double().numpy()
+    assert len(res.bucket_stderr) == len(res.bucket_loss)
+    for i, (a, b) in enumerate(zip(res.bucket_edges[:-1], res.bucket_edges[1:])):
+        per_window = losses[:, a:b].mean(axis=1)  # one sample per window
+        expected = per_window.std(ddof=1) / math.sqrt(len(per_window))
+        assert res.bucket_stderr[i] == pytest.approx(expected, rel=1e-9)
+        assert res.bucket_loss[i] == pytest.approx(per_window.mean(), rel=1e-9)
+    # a single window has no spread to measure
+    assert bucket_stderr(torch.ones(1, 8), [0, 4, 8]) == [0.0, 0.0]
+    # an old result without the field still loads
+    d = res.to_dict()
+    d.pop("bucket_stderr")
+    assert EvalResult.from_dict(d).bucket_stderr == []
 
 
 def test_bits_per_byte_uses_tokenizer_bytes() -> None:

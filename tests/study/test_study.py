@@ -14,6 +14,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ttt.data import DataBundle, TokenStore
 from ttt.models.registry import ARCHS
 from ttt.study import StudyConfig, StudyError, TrainOutcome, run_study, study_config
+from ttt.study.config import STUDY_PRESETS
+from ttt.study.run import trainer_overrides
+from ttt.training import load_config
 
 
 class ByteTok:
@@ -85,7 +88,7 @@ def test_study_writes_report_and_resumes(tmp_path) -> None:
     assert math.isfinite(data["unigram"]["bits_per_byte"])
     for key in ("val_loss_plot", "loss_by_position_plot"):
         assert rep.paths[key].stat().st_size > 1000
-    assert (tmp_path / "sample.txt").exists()
+    assert (tmp_path / "samples.md").read_text().count("```") == 4  # one block per architecture
     # resume: finished runs are reused (the sample model is loaded), a new arch is trained,
     # changed settings retrain
     be2 = FakeBackend()
@@ -116,6 +119,26 @@ def test_study_config_overrides_and_errors() -> None:
         study_config("smoke", ["train_tokens=many"])
     with pytest.raises(StudyError, match="unknown preset"):
         study_config("nope")
+
+
+@pytest.mark.parametrize("preset", sorted(STUDY_PRESETS))
+def test_every_preset_builds_a_valid_training_config(preset: str, tmp_path) -> None:
+    cfg = study_config(preset)
+    tcfg = load_config(None, trainer_overrides(cfg.archs[0], cfg, tmp_path / "run", tmp_path / "data"))
+    steps = math.ceil(cfg.train_tokens / (cfg.batch_size * cfg.seq_len))
+    assert tcfg.train.steps == steps and tcfg.data.seq_len == cfg.seq_len
+    assert 0 <= tcfg.optim.warmup_steps < steps
+
+
+def test_demo_and_full_share_a_recipe() -> None:
+    """`full` = the demo's three runs + the Mamba baselines: same fingerprints, so runs are reused."""
+    demo, full = study_config("demo"), study_config("full")
+    assert set(demo.archs) < set(full.archs) == set(ARCHS)
+    for arch in demo.archs:
+        assert demo.fingerprint(arch) == full.fingerprint(arch)
+    assert demo.seq_len >= 1024
+    assert study_config("gpu").size == study_config("gpu-8k").size == "125m"
+    assert (study_config("gpu").seq_len, study_config("gpu-8k").seq_len) == (2048, 8192)
 
 
 def test_study_context_longer_than_documents(tmp_path) -> None:

@@ -50,6 +50,9 @@ class EvalResult:
         position_loss: mean loss at each prediction position ``0 .. seq_len - 2`` (context ``p + 1``).
         bucket_edges: ``num_buckets + 1`` position edges; bucket ``i`` covers ``[edges[i], edges[i+1])``.
         bucket_loss: mean loss of each bucket.
+        bucket_stderr: standard error of each bucket's mean across windows (each window's mean loss in
+            the bucket is one sample; windows of one document are not independent, so read the band
+            as a lower bound of the uncertainty). Empty for results saved before it existed.
         first_quarter_loss / last_quarter_loss: mean loss of the first / last quarter of the positions.
         extra: free-form metadata (model name, checkpoint, ...).
     """
@@ -66,6 +69,7 @@ class EvalResult:
     bucket_loss: list[float]
     first_quarter_loss: float
     last_quarter_loss: float
+    bucket_stderr: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,6 +178,25 @@ def bucket_positions(
     return edges, means
 
 
+def bucket_stderr(losses: torch.Tensor, edges: Sequence[int]) -> list[float]:
+    """Standard error across windows of each bucket's mean loss.
+
+    Args:
+        losses: per-token losses ``[windows, positions]``.
+        edges: bucket edges over the positions (:func:`bucket_positions`).
+
+    Returns:
+        One value per bucket: the sample standard deviation of the windows' bucket means divided by
+        ``sqrt(windows)``; 0.0 with a single window.
+    """
+    n = losses.size(0)
+    out = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        per_window = losses[:, a:b].double().mean(dim=1)
+        out.append(float(per_window.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # evaluation
 # ----------------------------------------------------------------------------------------------------
@@ -255,6 +278,7 @@ def evaluate(
     loss = float(losses.mean())
     position_loss = losses.mean(dim=0).tolist()
     edges, bucket_loss = bucket_positions(position_loss, num_buckets, bucket_spacing)
+    stderr = bucket_stderr(losses, edges)
     q = max(1, len(position_loss) // 4)
     bpb = loss / bytes_per_token / LN2 if bytes_per_token else None
     return EvalResult(
@@ -268,6 +292,7 @@ def evaluate(
         position_loss=position_loss,
         bucket_edges=edges,
         bucket_loss=bucket_loss,
+        bucket_stderr=stderr,
         first_quarter_loss=float(np.mean(position_loss[:q])),
         last_quarter_loss=float(np.mean(position_loss[-q:])),
     )

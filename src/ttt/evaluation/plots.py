@@ -34,7 +34,9 @@ def plot_loss_by_position(
     log_x: bool = True,
     baseline: float | None = None,
 ) -> Path:
-    """One curve per model: bucketed mean loss against context length (token position + 1).
+    """One curve per model: bucketed mean loss against context length (token position + 1), with a
+    shaded 95% band (mean +- 1.96 standard errors across windows) when the results carry
+    ``bucket_stderr``; the legend gives each model's number of windows.
 
     Args:
         results: model name -> :class:`EvalResult` (or its ``to_dict()``).
@@ -42,9 +44,18 @@ def plot_loss_by_position(
         baseline: optional horizontal reference line (e.g. the unigram loss).
     """
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    banded = False
     for name, r in results.items():
         res = _as_result(r)
-        ax.plot(res.bucket_centers(), res.bucket_loss, marker="o", markersize=3, label=name)
+        x, y = res.bucket_centers(), res.bucket_loss
+        (line,) = ax.plot(x, y, marker="o", markersize=3, label=f"{name} ({res.num_windows} windows)")
+        if len(res.bucket_stderr) == len(y):
+            half = [1.96 * s for s in res.bucket_stderr]
+            ax.fill_between(x, [m - h for m, h in zip(y, half)], [m + h for m, h in zip(y, half)],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+            banded = True
+    if banded:
+        title += "\nshaded: 95% confidence band of the mean over windows"
     if baseline is not None:
         ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label="unigram")
     if log_x:

@@ -2,6 +2,7 @@
 
     <out>/report.md               one table (+ the unigram baseline) and links to the figures
     <out>/results.json            everything measured, raw
+    <out>/samples.md              a generated sample from every architecture
     <out>/val_loss.png            validation loss against training tokens, all architectures
     <out>/loss_by_position.png    loss by token position, all architectures on one figure
 """
@@ -56,6 +57,14 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def samples_markdown(samples: list[dict[str, Any]], level: int = 2) -> str:
+    """The generated samples as markdown: a heading of ``level`` and a fenced block per architecture."""
+    lines = ["Same prompt and seed for every model; temperature 0.8, top-k 50, top-p 0.95.", ""]
+    for s in samples:
+        lines += [f"{'#' * level} {s['label']}", "", "```", s["prompt"] + s["text"], "```", ""]
+    return "\n".join(lines)
+
+
 def write_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
     """Write results.json, report.md and the two figures; return their paths."""
     out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +80,7 @@ def write_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
     atomic_write_json(out / "results.json", results)
     cfg = results["config"]
     table = results_table(results)
-    sample = results.get("sample") or {}
+    samples = results.get("samples") or []
     md = [
         "# TTT comparison study",
         "",
@@ -94,15 +103,8 @@ def write_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
         "![loss by position](loss_by_position.png)",
         "",
     ]
-    if sample:
-        md += [
-            f"## Sample ({sample.get('arch')})",
-            "",
-            "```",
-            sample.get("prompt", "") + sample.get("text", ""),
-            "```",
-            "",
-        ]
+    if samples:
+        md += ["## Samples", "", samples_markdown(samples, level=3)]
     md.append(f"Raw numbers: `results.json`. Machine: {results.get('machine', '')}.")
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     paths = {
@@ -111,9 +113,9 @@ def write_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
         "val_loss_plot": val_png,
         "loss_by_position_plot": pos_png,
     }
-    if (out / "sample.txt").exists():
-        paths["sample"] = out / "sample.txt"
+    if (out / "samples.md").exists():
+        paths["samples"] = out / "samples.md"
     return paths
 
 
-__all__ = ["fmt", "results_table", "tokens_label", "write_report"]
+__all__ = ["fmt", "results_table", "samples_markdown", "tokens_label", "write_report"]

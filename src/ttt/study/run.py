@@ -4,7 +4,7 @@
 tokens, with parameter counts matched by :func:`ttt.models.registry.match_size`; then evaluates each on
 the same validation windows and writes the report (:mod:`ttt.study.report`), plus::
 
-    <out>/sample.txt              a text sample from the first architecture
+    <out>/samples.md              a text sample from every architecture (same prompt, seed)
     <out>/runs/<arch>/            the training run (checkpoints, metrics) and study_result.json
 
 Interrupted studies resume: a run whose ``study_result.json`` matches the study settings is reused; an
@@ -46,7 +46,7 @@ from ttt.util.device import pick_device
 from ttt.util.files import atomic_write_json, atomic_write_text
 
 from .config import StudyConfig, StudyError, check_archs
-from .report import fmt, results_table, tokens_label, write_report
+from .report import fmt, results_table, samples_markdown, tokens_label, write_report
 
 Log = Callable[[str], None]
 
@@ -292,21 +292,23 @@ def run_study(cfg: StudyConfig, out: str | Path, fresh: bool = False, backend: S
     models: dict[str, torch.nn.Module | None] = {}
     for arch in cfg.archs:
         runs[arch], models[arch] = _train_or_reuse(arch, cfg, out, data, backend, device, log)
-    first = cfg.archs[0]
-    sample: dict[str, Any] = {}
+    samples: list[dict[str, Any]] = []
     if cfg.sample_tokens > 0:
-        model = models[first] or backend.load(first, out / "runs" / first)
-        text = generate_text(model.to(device), data.tokenizer, cfg.sample_prompt,
-                             max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50, top_p=0.95,
-                             seed=cfg.seed)
-        sample = {"arch": ARCH_LABELS[first], "prompt": cfg.sample_prompt, "text": text}
-        atomic_write_text(out / "sample.txt", cfg.sample_prompt + text + "\n")
+        for arch in cfg.archs:
+            model = models[arch] or backend.load(arch, out / "runs" / arch)
+            text = generate_text(model.to(device), data.tokenizer, cfg.sample_prompt,
+                                 max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50, top_p=0.95,
+                                 seed=cfg.seed)
+            samples.append({"arch": arch, "label": ARCH_LABELS[arch], "prompt": cfg.sample_prompt,
+                            "text": text})
+            models[arch] = None  # free it
+        atomic_write_text(out / "samples.md", "# Samples\n\n" + samples_markdown(samples))
     results = {
         "config": asdict(cfg),
         "unigram": unigram,
         "eval_windows": next(iter(runs.values()))["eval"]["num_windows"],
         "runs": runs,
-        "sample": sample,
+        "samples": samples,
         "device": str(device),
         "machine": _machine(),
         "study_seconds": time.perf_counter() - t_start,
