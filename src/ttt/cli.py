@@ -378,7 +378,11 @@ def compare_cmd(
     archs: str | None = typer.Option(
         None, help="Comma-separated architectures (ttt-linear, ttt-mlp, transformer, mamba, mamba2)."
     ),
-    preset: str = typer.Option("demo", help="Study preset: demo (CPU, ~15 min), full, smoke (seconds)."),
+    preset: str = typer.Option(
+        "demo",
+        help="Study preset: demo (CPU, ~15 min), full (all five, CPU, ~45 min), gpu / gpu-8k (125m, one GPU),"
+        " smoke (seconds).",
+    ),
     out: Path | None = typer.Option(None, help="Report directory (default: runs/compare-<preset>)."),
     set_: list[str] | None = typer.Option(
         None, "--set", "-s", help="Study setting key=value (repeatable), e.g. -s train_tokens=2_000_000."
