@@ -119,6 +119,8 @@ def test_study_config_overrides_and_errors() -> None:
         study_config("smoke", ["train_tokens=many"])
     with pytest.raises(StudyError, match="unknown preset"):
         study_config("nope")
+    with pytest.raises(StudyError, match="backbone must be one of"):
+        study_config("smoke", ["backbone=rnn"])
 
 
 @pytest.mark.parametrize("preset", sorted(STUDY_PRESETS))
@@ -127,6 +129,7 @@ def test_every_preset_builds_a_valid_training_config(preset: str, tmp_path) -> N
     tcfg = load_config(None, trainer_overrides(cfg.archs[0], cfg, tmp_path / "run", tmp_path / "data"))
     steps = math.ceil(cfg.train_tokens / (cfg.batch_size * cfg.seq_len))
     assert tcfg.train.steps == steps and tcfg.data.seq_len == cfg.seq_len
+    assert tcfg.model.backbone == cfg.backbone == "mamba"  # the paper's main TTT setting
     assert 0 <= tcfg.optim.warmup_steps < steps
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ttt.models.registry import ARCHS
-from ttt.training.config import RESUMABLE
+from ttt.training.config import CHOICES, RESUMABLE
 from ttt.util.config import ConfigError, build, flatten, override_node
 
 
@@ -30,6 +30,9 @@ class StudyConfig:
     Attributes:
         archs: architectures to train, in report order (the first one writes the text sample).
         size: model size; baselines are matched to TTT-Linear of this size.
+        backbone: the TTT models' backbone, ``mamba`` (the paper's main setting: a causal conv before
+            the TTT layer, and an output gate) or ``transformer``; the baselines are matched to TTT-Linear
+            with this backbone.
         model_overrides: config fields for every architecture.
         data: corpus source for :mod:`ttt.data` (None: the built-in Shakespeare).
         train_tokens: training tokens per architecture.
@@ -42,6 +45,7 @@ class StudyConfig:
 
     archs: list[str] = field(default_factory=lambda: list(ARCHS))
     size: str = "mini"
+    backbone: str = "mamba"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data: str | None = None
     tokenizer: str = "byte"
@@ -204,6 +208,8 @@ def study_config(preset: str, overrides: Iterable[str] | Mapping[str, Any] | Non
     except ConfigError as e:
         raise StudyError(f"bad study setting: {e}") from None
     check_archs(cfg.archs)
+    if cfg.backbone not in CHOICES["model.backbone"]:
+        raise StudyError(f"backbone must be one of {list(CHOICES['model.backbone'])}, got {cfg.backbone!r}")
     return cfg
 
 

@@ -101,6 +101,7 @@ def trainer_overrides(arch: str, cfg: StudyConfig, run_dir: Path, cache_dir: Pat
     out: dict[str, Any] = {
         "model.arch": arch,
         "model.size": cfg.size,
+        "model.backbone": cfg.backbone,
         "model.overrides": dict(cfg.model_overrides),
         "data.source": cfg.data,
         "data.seq_len": cfg.seq_len,
