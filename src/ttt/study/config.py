@@ -28,7 +28,7 @@ class StudyConfig:
     """Every setting of a study.
 
     Attributes:
-        archs: architectures to train, in report order (the first one writes the text sample).
+        archs: architectures to train, in report order.
         size: model size; baselines are matched to TTT-Linear of this size.
         backbone: the TTT models' backbone, ``mamba`` (the paper's main setting: a causal conv before
             the TTT layer, and an output gate) or ``transformer``; the baselines are matched to TTT-Linear
@@ -39,6 +39,10 @@ class StudyConfig:
         num_evals: validation points on the loss-vs-tokens curve.
         curve_eval_windows: validation rows per point of that curve.
         eval_windows: windows of the final evaluation (loss by position).
+        decode_prompt / decode_tokens: decode speed is timed generating ``decode_tokens`` after a prompt
+            of ``decode_prompt`` tokens (prefill speed: one full-context sequence).
+        latency_rounds: rounds of the side-by-side prefill / decode timing (median over rounds).
+        sample_prompt / sample_tokens: every model writes a sample of ``sample_tokens`` after this prompt.
         train_overrides: dotted training-config overrides for every run (e.g. ``train.bf16``).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
     """
@@ -61,6 +65,7 @@ class StudyConfig:
     buckets: int = 32
     decode_prompt: int = 128
     decode_tokens: int = 32
+    latency_rounds: int = 3
     sample_prompt: str = "ROMEO:"
     sample_tokens: int = 300
     seed: int = 0
@@ -75,7 +80,8 @@ class StudyConfig:
         """Hash of every setting that changes the run of ``arch`` (not the list of archs, sampling, the
         device, or training keys a run may change on resume)."""
         d = asdict(self)
-        for k in ("archs", "sample_prompt", "sample_tokens", "decode_prompt", "decode_tokens", "device"):
+        for k in ("archs", "sample_prompt", "sample_tokens", "decode_prompt", "decode_tokens",
+                  "latency_rounds", "device"):
             d.pop(k)
         def resumable(key: str) -> bool:
             return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
@@ -181,6 +187,7 @@ STUDY_PRESETS: dict[str, dict[str, Any]] = {
         buckets=4,
         decode_prompt=8,
         decode_tokens=4,
+        latency_rounds=1,
         sample_tokens=16,
     ),
 }

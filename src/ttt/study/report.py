@@ -96,7 +96,9 @@ def write_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
         "",
         "Loss 1st/last quarter: mean loss of the tokens in the first / last quarter of the context. "
         "Latencies: batch 1, prefill of one full-context sequence, decode per token with the model's cache "
-        f"({results.get('device', 'cpu')}).",
+        f"({results.get('device', 'cpu')}), all models timed side by side in interleaved rounds (median). "
+        "Train tok/s: the training run's own throughput (runs made at different times on a shared machine "
+        "are not comparable; `ttt bench train` times architectures side by side).",
         "",
         "![validation loss](val_loss.png)",
         "",

@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -185,28 +186,55 @@ class TrainerBackend:
 
 
 @torch.no_grad()
-def measure_latency(model: torch.nn.Module, vocab_size: int, prefill_len: int, decode_prompt: int = 128,
-                    decode_tokens: int = 32) -> dict[str, Any]:
-    """Prefill latency of one ``prefill_len`` sequence and decode latency per token (batch 1, ms).
+def measure_latencies(models: dict[str, torch.nn.Module], vocab_size: int, prefill_len: int,
+                      decode_prompt: int = 128, decode_tokens: int = 32, rounds: int = 3) -> dict[str, Any]:
+    """Prefill latency of one ``prefill_len`` sequence and decode latency per token (batch 1, ms) of
+    every model, timed side by side: each round times every model once, in turn (after one untimed
+    warm-up each), and the result is the median over ``rounds``, so a shared machine's drifting speed
+    affects all models alike.
 
     Decode time per token is ``(t(prompt + 1 + n tokens) - t(prompt + 1 token)) / n`` with the model's
     cache (``generate``, greedy), so the prompt's prefill cancels out.
+
+    Returns:
+        name -> ``{"prefill_ms", "prefill_len", "decode_ms_per_token", "rounds"}``.
     """
-    model.eval()
-    device = next(model.parameters()).device
     gen0 = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab_size, (1, prefill_len), generator=gen0).to(device)
-    prefill = time_fn(lambda: model(input_ids=ids, use_cache=False), reps=2, device=device)["median_s"]
-    prompt = ids[:, : max(1, min(decode_prompt, prefill_len))]
+    ids_cpu = torch.randint(0, vocab_size, (1, prefill_len), generator=gen0)
+    prompt_len = max(1, min(decode_prompt, prefill_len))
 
-    def gen(n: int) -> float:
-        return time_fn(lambda: model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                              max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                              use_cache=True, pad_token_id=0),
-                       reps=2, device=device)["median_s"]
+    def timings(model: torch.nn.Module) -> tuple[float, float]:
+        device = next(model.parameters()).device
+        ids = ids_cpu.to(device)
+        prompt = ids[:, :prompt_len]
 
-    decode = max(gen(decode_tokens + 1) - gen(1), 0.0) / decode_tokens
-    return {"prefill_ms": 1000 * prefill, "prefill_len": prefill_len, "decode_ms_per_token": 1000 * decode}
+        def gen(n: int) -> float:
+            t = time_fn(lambda: model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                               max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                               use_cache=True, pad_token_id=0),
+                        reps=1, warmup=0, device=device)
+            return t["median_s"]
+
+        prefill = time_fn(lambda: model(input_ids=ids, use_cache=False), reps=1, warmup=0,
+                          device=device)["median_s"]
+        return prefill, max(gen(decode_tokens + 1) - gen(1), 0.0) / decode_tokens
+
+    for model in models.values():  # warm-up: first calls allocate, build kernels, fill caches
+        model.eval()
+        timings(model)
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    for _ in range(max(1, rounds)):
+        for name, model in models.items():
+            samples[name].append(timings(model))
+    out = {}
+    for name, rows in samples.items():
+        out[name] = {
+            "prefill_ms": 1000 * statistics.median(r[0] for r in rows),
+            "prefill_len": prefill_len,
+            "decode_ms_per_token": 1000 * statistics.median(r[1] for r in rows),
+            "rounds": len(rows),
+        }
+    return out
 
 
 def _machine() -> str:
@@ -243,7 +271,6 @@ def _train_or_reuse(arch: str, cfg: StudyConfig, out: Path, data: DataBundle, ba
                       max_windows=cfg.eval_windows, num_buckets=cfg.buckets, tokenizer=data.tokenizer)
     except EvaluationError as e:
         raise StudyError(str(e)) from None
-    lat = measure_latency(model, len(data.tokenizer), cfg.seq_len, cfg.decode_prompt, cfg.decode_tokens)
     result = {
         "arch": arch,
         "fingerprint": fp,
@@ -254,14 +281,12 @@ def _train_or_reuse(arch: str, cfg: StudyConfig, out: Path, data: DataBundle, ba
         "train_seconds": outcome.train_seconds,
         "curve": [list(p) for p in outcome.curve],
         "eval": ev.to_dict(),
-        "latency": lat,
         "model_config": model.config.to_dict(),
         **({"train_extra": outcome.extra} if outcome.extra else {}),
     }
     atomic_write_json(result_file, result)
-    log(f"[{arch}] val loss {ev.loss:.4f}, bits/byte {fmt(ev.bits_per_byte, '.4f')}, "
-        f"{outcome.tokens_per_s:,.0f} tok/s, prefill {lat['prefill_ms']:.1f} ms, "
-        f"decode {fmt(lat['decode_ms_per_token'], '.2f')} ms/token")
+    log(f"[{arch}] val loss {ev.loss:.4f} nats/token, bits/byte {fmt(ev.bits_per_byte, '.4f')} "
+        f"({ev.num_windows} windows of {cfg.seq_len}), training {outcome.tokens_per_s:,.0f} tokens/s")
     return result, model
 
 
@@ -293,16 +318,25 @@ def run_study(cfg: StudyConfig, out: str | Path, fresh: bool = False, backend: S
     models: dict[str, torch.nn.Module | None] = {}
     for arch in cfg.archs:
         runs[arch], models[arch] = _train_or_reuse(arch, cfg, out, data, backend, device, log)
+    for arch in cfg.archs:  # every model, for the side-by-side speed measurement and the samples
+        models[arch] = (models[arch] or backend.load(arch, out / "runs" / arch)).to(device).eval()
+    log(f"timing prefill ({cfg.seq_len} tokens) and decode ({cfg.decode_tokens} tokens after "
+        f"{cfg.decode_prompt}) of every model, batch 1, side by side ...")
+    latency = measure_latencies(models, len(data.tokenizer), cfg.seq_len, cfg.decode_prompt,
+                                cfg.decode_tokens, rounds=cfg.latency_rounds)
+    for arch in cfg.archs:
+        runs[arch]["latency"] = latency[arch]
+        lat = latency[arch]
+        log(f"[{arch}] prefill {lat['prefill_ms']:.1f} ms ({cfg.seq_len} tokens), decode "
+            f"{lat['decode_ms_per_token']:.2f} ms/token (median of {lat['rounds']} rounds)")
     samples: list[dict[str, Any]] = []
     if cfg.sample_tokens > 0:
         for arch in cfg.archs:
-            model = models[arch] or backend.load(arch, out / "runs" / arch)
-            text = generate_text(model.to(device), data.tokenizer, cfg.sample_prompt,
+            text = generate_text(models[arch], data.tokenizer, cfg.sample_prompt,
                                  max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50, top_p=0.95,
                                  seed=cfg.seed)
             samples.append({"arch": arch, "label": ARCH_LABELS[arch], "prompt": cfg.sample_prompt,
                             "text": text})
-            models[arch] = None  # free it
         atomic_write_text(out / "samples.md", "# Samples\n\n" + samples_markdown(samples))
     results = {
         "config": asdict(cfg),
@@ -318,4 +352,4 @@ def run_study(cfg: StudyConfig, out: str | Path, fresh: bool = False, backend: S
     return StudyReport(results=results, table_markdown=results_table(results), paths=paths)
 
 
-__all__ = ["StudyBackend", "StudyReport", "TrainOutcome", "TrainerBackend", "measure_latency", "run_study"]
+__all__ = ["StudyBackend", "StudyReport", "TrainOutcome", "TrainerBackend", "measure_latencies", "run_study"]
