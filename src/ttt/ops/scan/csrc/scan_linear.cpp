@@ -188,31 +188,24 @@ template <typename T> struct Linear {
 
 }  // namespace
 
-template <typename T>
-void linear_forward(const Dims& d, const T* k, const T* q, const T* s, const T* lr, const T* coef, const T* lnw,
-                    const int64_t* nc, std::vector<const T*> init, std::vector<T*> fin, std::vector<T*> ckpt,
-                    long group, T* zbar) {
-  scan_forward_impl<T, Linear<T>>(d, k, q, s, lr, coef, lnw, nc, init, fin, ckpt, group, zbar);
+template <typename T, typename Io>
+void linear_forward(const Dims& d, const Io& io, const int64_t* nc, std::vector<const T*> init,
+                    std::vector<T*> fin, std::vector<T*> ckpt, long group) {
+  scan_forward_impl<T, Linear<T>, Io>(d, io, nc, init, fin, ckpt, group);
 }
 
-template <typename T>
-void linear_backward(const Dims& d, const T* k, const T* q, const T* s, const T* lr, const T* coef,
-                     const T* lnw, const int64_t* nc, std::vector<const T*> ckpt, long group, const T* dzbar,
-                     std::vector<const T*> d_final, T* dk, T* dq, T* ds, T* dlr, T* dcoef, T* dlnw,
-                     std::vector<T*> d_init) {
-  scan_backward_impl<T, Linear<T>>(d, k, q, s, lr, coef, lnw, nc, ckpt, group, dzbar, d_final, dk, dq, ds, dlr,
-                                   dcoef, dlnw, d_init);
+template <typename T, typename Io>
+void linear_backward(const Dims& d, const Io& io, const int64_t* nc, std::vector<const T*> ckpt, long group,
+                     std::vector<const T*> d_final, T* dcoef, T* dlnw, std::vector<T*> d_init) {
+  scan_backward_impl<T, Linear<T>, Io>(d, io, nc, ckpt, group, d_final, dcoef, dlnw, d_init);
 }
 
-#define TTT_INSTANTIATE(T)                                                                                   \
-  template void linear_forward<T>(const Dims&, const T*, const T*, const T*, const T*, const T*, const T*,  \
-                                  const int64_t*, std::vector<const T*>, std::vector<T*>, std::vector<T*>,  \
-                                  long, T*);                                                                \
-  template void linear_backward<T>(const Dims&, const T*, const T*, const T*, const T*, const T*, const T*, \
-                                   const int64_t*, std::vector<const T*>, long, const T*,                   \
-                                   std::vector<const T*>, T*, T*, T*, T*, T*, T*, std::vector<T*>);
-TTT_INSTANTIATE(float)
-TTT_INSTANTIATE(double)
+#define TTT_INSTANTIATE(T, IO)                                                                               \
+  template void linear_forward<T, IO>(const Dims&, const IO&, const int64_t*, std::vector<const T*>,         \
+                                     std::vector<T*>, std::vector<T*>, long);                               \
+  template void linear_backward<T, IO>(const Dims&, const IO&, const int64_t*, std::vector<const T*>, long,   \
+                                      std::vector<const T*>, T*, T*, std::vector<T*>);
+TTT_FOR_EACH_IO(TTT_INSTANTIATE)
 #undef TTT_INSTANTIATE
 
 }  // namespace ttt_scan
