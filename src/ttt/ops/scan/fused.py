@@ -83,6 +83,8 @@ def ttt_dual_heads_fused(impl: ScanBackend, xq: Tensor, xk: Tensor, xv: Tensor, 
     lr, coef = lr.to(inner).contiguous(), coef.to(inner).contiguous()
     ln_w, ln_b = ln_w.to(inner).contiguous(), ln_b.to(inner).contiguous()
     cos, sin = rope_table(f, torch.arange(b, device=xq.device), rope_theta, inner)
+    # per feature: pair (2i, 2i+1) -> out[j] = x[j] * cos[j] + x[j ^ 1] * sin[j]
+    cos, sin = cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
     rows = bsz * heads
     n_mb = -(-length // b)
     n_complete = torch.full((rows,), length // b, dtype=torch.long, device=xq.device)

@@ -32,17 +32,30 @@ void scan_forward_impl(const Dims& d, const Io& io, const int64_t* n_complete, s
   long sz[NS];
   Model::sizes(d, sz);
   const long n_groups = ckpt.empty() ? 0 : (d.N + group - 1) / group;
+  // A thread steps its rows through the mini-batches together (mini-batch outer, row inner): with the
+  // layer's [B, L, NH, F] layout (HeadsIo), neighbouring heads read neighbouring memory, so the strided
+  // token rows stream instead of each costing a cache miss.
   at::parallel_for(0, d.R, 1, [&](int64_t r0, int64_t r1) {
     std::vector<T> tape(Model::tape_size(d)), scratch(Model::scratch_size(d)), buf(Io::buf_size(d));
+    std::vector<char> acc(r1 - r0);
+    auto state_of = [&](int64_t r, T** st) {
+      for (int i = 0; i < NS; ++i) st[i] = final_st[i] + r * sz[i];
+    };
     for (int64_t r = r0; r < r1; ++r) {
       T* st[NS];
-      bool acc_nz = false;
+      state_of(r, st);
+      bool nz = false;
       for (int i = 0; i < NS; ++i) {
-        st[i] = final_st[i] + r * sz[i];
         std::copy(init[i] + r * sz[i], init[i] + (r + 1) * sz[i], st[i]);
-        if (i >= NS / 2) acc_nz = acc_nz || any_nonzero(st[i], sz[i]);
+        if (i >= NS / 2) nz = nz || any_nonzero(st[i], sz[i]);
       }
-      for (long m = 0; m < d.N; ++m) {
+      acc[r - r0] = nz;
+    }
+    for (long m = 0; m < d.N; ++m)
+      for (int64_t r = r0; r < r1; ++r) {
+        T* st[NS];
+        state_of(r, st);
+        bool acc_nz = acc[r - r0];
         if (!ckpt.empty() && m % group == 0)
           for (int i = 0; i < NS; ++i) {
             T* c = ckpt[i] + (r * n_groups + m / group) * sz[i];
@@ -58,8 +71,12 @@ void scan_forward_impl(const Dims& d, const Io& io, const int64_t* n_complete, s
         Model::tape(d, st, acc_nz, mb, tape.data(), scratch.data(), zbar, false);
         io.emit(d, r, m, mb, zbar, buf.data());
         Model::update(d, st, acc_nz, mb, tape.data(), scratch.data());
+        acc[r - r0] = acc_nz;
       }
-      if (!acc_nz)
+    for (int64_t r = r0; r < r1; ++r) {
+      T* st[NS];
+      state_of(r, st);
+      if (!acc[r - r0])
         for (int i = NS / 2; i < NS; ++i) std::fill(st[i], st[i] + sz[i], T(0));
     }
   });
@@ -81,32 +98,35 @@ void scan_backward_impl(const Dims& d, const Io& io, const int64_t* n_complete, 
     std::vector<T> slots(g * state_size), tapes(g * tsz), scratch(Model::scratch_size(d)),
         buf(Io::buf_size(d));
     std::vector<char> acc(g);
-    for (int64_t r = r0; r < r1; ++r) {
-      T* dst[NS];
+    auto slot = [&](long j, T** st) {
+      T* p = slots.data() + j * state_size;
       for (int i = 0; i < NS; ++i) {
-        dst[i] = d_init[i] + r * sz[i];
-        std::copy(d_final[i] + r * sz[i], d_final[i] + (r + 1) * sz[i], dst[i]);
+        st[i] = p;
+        p += sz[i];
       }
-      T* dc = dcoef_rows + r * d.b;
-      std::fill(dc, dc + d.b, T(0));
-      T* dl = dlnw ? dlnw + r * d.F : nullptr;
-      if (dl) std::fill(dl, dl + d.F, T(0));
+    };
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int i = 0; i < NS; ++i)
+        std::copy(d_final[i] + r * sz[i], d_final[i] + (r + 1) * sz[i], d_init[i] + r * sz[i]);
+      std::fill(dcoef_rows + r * d.b, dcoef_rows + (r + 1) * d.b, T(0));
+      if (dlnw) std::fill(dlnw + r * d.F, dlnw + (r + 1) * d.F, T(0));
       io.begin_row(d, r);
-      auto mb_at = [&](long m) {  // loads into buf (valid until the next call)
-        Mb<T> mb = io.load(d, r, m, buf.data());
-        mb.first = m == 0;
-        mb.complete = m < n_complete[r];
-        return mb;
-      };
-      auto slot = [&](long j, T** st) {
-        T* p = slots.data() + j * state_size;
-        for (int i = 0; i < NS; ++i) {
-          st[i] = p;
-          p += sz[i];
-        }
-      };
-      for (long gi = n_groups - 1; gi >= 0; --gi) {
-        const long m0 = gi * group, m1 = std::min(m0 + group, d.N);
+    }
+    // groups outer, rows inner (as in the forward: neighbouring heads read neighbouring memory)
+    for (long gi = n_groups - 1; gi >= 0; --gi) {
+      const long m0 = gi * group, m1 = std::min(m0 + group, d.N);
+      for (int64_t r = r0; r < r1; ++r) {
+        T* dst[NS];
+        for (int i = 0; i < NS; ++i) dst[i] = d_init[i] + r * sz[i];
+        T* dc = dcoef_rows + r * d.b;
+        T* dl = dlnw ? dlnw + r * d.F : nullptr;
+        auto mb_at = [&](long m) {  // loads into buf (valid until the next call)
+          Mb<T> mb = io.load(d, r, m, buf.data());
+          mb.first = m == 0;
+          mb.complete = m < n_complete[r];
+          return mb;
+        };
+        // recompute the group's tapes from its checkpoint
         T* st[NS];
         slot(0, st);
         bool nz = false;
@@ -131,6 +151,7 @@ void scan_backward_impl(const Dims& d, const Io& io, const int64_t* n_complete, 
             acc[j + 1] = a;
           }
         }
+        // and run it backwards
         for (long m = m1 - 1; m >= m0; --m) {
           const long j = m - m0;
           slot(j, st);

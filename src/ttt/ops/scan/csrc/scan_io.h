@@ -79,7 +79,7 @@ template <typename T> struct HeadsIo {
   long L, NH;                     // tokens, heads (rows are batch-major: r = bi * NH + h)
   Strided<const T> xq, xk, xv;    // un-rotated projections
   const T *lr, *coef, *lnw, *lnb;  // lr [R, L]; coef [b]; ln_w, ln_b [NH, F]
-  const T *cos, *sin;             // rotary table [b, F / 2] (position inside the mini-batch)
+  const T *cf, *sf;               // rotary table [b, F]: (c0, c0, c1, c1, ...), (-s0, s0, -s1, s1, ...)
   Strided<T> out;                 // q + LN(Zbar)
   T* zsave;                       // [R, N, b, F] Zbar for the backward, or null
   // backward only
@@ -92,14 +92,16 @@ template <typename T> struct HeadsIo {
 
   void begin_row(const Dims& d, long r) const { std::fill(dlnb + r * d.F, dlnb + (r + 1) * d.F, T(0)); }
 
-  // dst = x rotated by position i's angles (forward) or by their negatives (inv)
-  void rope(long F, long i, const T* x, T* dst, bool inv) const {
-    const T* c = cos + i * (F / 2);
-    const T* s = sin + i * (F / 2);
-    for (long j = 0; j < F / 2; ++j) {
-      const T x0 = x[2 * j], x1 = x[2 * j + 1], sj = inv ? -s[j] : s[j];
-      dst[2 * j] = x0 * c[j] - x1 * sj;
-      dst[2 * j + 1] = x0 * sj + x1 * c[j];
+  // dst = x rotated by position i's angles (forward) or by their negatives (inv):
+  // dst[j] = x[j] * cf[j] +- x[j ^ 1] * sf[j]
+  void rope(long F, long i, const T* __restrict x, T* __restrict dst, bool inv) const {
+    const T* __restrict c = cf + i * F;
+    const T* __restrict s = sf + i * F;
+    const T sg = inv ? T(-1) : T(1);
+    for (long j = 0; j < F; j += 2) {  // pairs: the compiler swaps lanes in-register (x[j ^ 1] gathers)
+      const T x0 = x[j], x1 = x[j + 1];
+      dst[j] = x0 * c[j] + sg * (x1 * s[j]);
+      dst[j + 1] = x1 * c[j + 1] + sg * (x0 * s[j + 1]);
     }
   }
 
@@ -119,8 +121,10 @@ template <typename T> struct HeadsIo {
       }
       rope(F, i, xk.at(bi, t, h), ki, false);
       rope(F, i, xq.at(bi, t, h), qi, false);
-      const T* vi = xv.at(bi, t, h);
-      for (long j = 0; j < F; ++j) si[j] = lb[j] - (vi[j] - ki[j]);
+      const T* __restrict vi = xv.at(bi, t, h);
+      const T* __restrict kr = ki;
+      T* __restrict sr = si;
+      for (long j = 0; j < F; ++j) sr[j] = lb[j] - (vi[j] - kr[j]);
       LR[i] = lr[r * L + t];
     }
     return Mb<T>{K, Q, S, LR, coef, lnw + h * F, false, false};
@@ -133,15 +137,14 @@ template <typename T> struct HeadsIo {
   // out = Q + ln_w * xhat(Zbar) + ln_b for the real tokens
   void emit(const Dims& d, long r, long m, const Mb<T>& mb, const T* z, T*) const {
     const long b = d.b, F = d.F, bi = r / NH, h = r % NH;
-    const T *w = lnw + h * F, *lb = lnb + h * F;
+    const T* __restrict w = lnw + h * F;
+    const T* __restrict lb = lnb + h * F;
     for (long i = 0; i < b && m * b + i < L; ++i) {
-      const T* zi = z + i * F;
-      const T mu = vsum(zi, F) / T(F);
-      T var = 0;
-      for (long j = 0; j < F; ++j) var += (zi[j] - mu) * (zi[j] - mu);
-      const T rs = T(1) / std::sqrt(var / T(F) + T(LN_EPS));
-      T* o = out.at(bi, m * b + i, h);
-      const T* qi = mb.Q + i * F;
+      const T* __restrict zi = z + i * F;
+      const T* __restrict qi = mb.Q + i * F;
+      T mu, rs;
+      ln_stats(F, zi, mu, rs);
+      T* __restrict o = out.at(bi, m * b + i, h);
       for (long j = 0; j < F; ++j) o[j] = qi[j] + ((zi[j] - mu) * rs * w[j] + lb[j]);
     }
   }
@@ -150,34 +153,32 @@ template <typename T> struct HeadsIo {
   const T* dzbar_of(const Dims& d, long r, long m, const Mb<T>&, T* buf, T* dl) const {
     const long b = d.b, F = d.F, bi = r / NH, h = r % NH, bf = b * F;
     T *DO = buf + 3 * bf, *DZ = buf + 4 * bf;
-    const T* w = lnw + h * F;
-    T* db = dlnb + r * F;
+    T* __restrict xh = buf + 5 * bf;  // one row of scratch (dk's slot, written later by the scan)
+    const T* __restrict w = lnw + h * F;
+    T* __restrict db = dlnb + r * F;
+    T* __restrict dlw = dl;
     const T* z = zsave + (r * d.N + m) * bf;
     for (long i = 0; i < b; ++i) {
       const long t = m * b + i;
-      T *doi = DO + i * F, *dzi = DZ + i * F;
+      T* __restrict doi = DO + i * F;
+      T* __restrict dzi = DZ + i * F;
       if (t >= L) {
         std::fill(doi, doi + F, T(0));
         std::fill(dzi, dzi + F, T(0));
         continue;
       }
       std::copy(dout.at(bi, t, h), dout.at(bi, t, h) + F, doi);
-      const T* zi = z + i * F;
-      const T mu = vsum(zi, F) / T(F);
-      T var = 0;
-      for (long j = 0; j < F; ++j) var += (zi[j] - mu) * (zi[j] - mu);
-      const T rs = T(1) / std::sqrt(var / T(F) + T(LN_EPS));
-      T m1 = 0, m2 = 0;
+      const T* __restrict zi = z + i * F;
+      T mu, rs;
+      ln_stats(F, zi, mu, rs);
       for (long j = 0; j < F; ++j) {
-        const T xh = (zi[j] - mu) * rs, g = doi[j] * w[j];
-        dl[j] += doi[j] * xh;
+        xh[j] = (zi[j] - mu) * rs;
+        dlw[j] += doi[j] * xh[j];
         db[j] += doi[j];
-        m1 += g;
-        m2 += g * xh;
+        dzi[j] = doi[j] * w[j];
       }
-      m1 /= T(F);
-      m2 /= T(F);
-      for (long j = 0; j < F; ++j) dzi[j] = rs * (doi[j] * w[j] - m1 - (zi[j] - mu) * rs * m2);
+      const T m1 = vsum(dzi, F) / T(F), m2 = vdot(dzi, xh, F) / T(F);
+      for (long j = 0; j < F; ++j) dzi[j] = rs * (dzi[j] - m1 - xh[j] * m2);
     }
     return DZ;
   }
@@ -191,21 +192,23 @@ template <typename T> struct HeadsIo {
   void emit_grads(const Dims& d, long r, long m, const Mb<T>&, const MbGrad<T>& gr, T* buf) const {
     const long b = d.b, F = d.F, bi = r / NH, h = r % NH;
     const T* DO = buf + 3 * b * F;
-    T* db = dlnb + r * F;
+    T* __restrict db = dlnb + r * F;
     for (long i = 0; i < b; ++i) {
       const long t = m * b + i;
-      T *dki = gr.dk + i * F, *dqi = gr.dq + i * F;
-      const T *dsi = gr.ds + i * F, *doi = DO + i * F;
+      T* __restrict dki = gr.dk + i * F;
+      T* __restrict dqi = gr.dq + i * F;
+      const T* __restrict dsi = gr.ds + i * F;
+      const T* __restrict doi = DO + i * F;
       for (long j = 0; j < F; ++j) db[j] += dsi[j];
       if (t >= L) continue;
+      T* __restrict dv = dxv.at(bi, t, h);
       for (long j = 0; j < F; ++j) {
         dqi[j] += doi[j];
         dki[j] += dsi[j];
+        dv[j] = -dsi[j];
       }
       rope(F, i, dqi, dxq.at(bi, t, h), true);
       rope(F, i, dki, dxk.at(bi, t, h), true);
-      T* dv = dxv.at(bi, t, h);
-      for (long j = 0; j < F; ++j) dv[j] = -dsi[j];
       dlr[r * L + t] = gr.dlr[i];
     }
   }

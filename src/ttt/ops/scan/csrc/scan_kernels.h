@@ -404,6 +404,21 @@ void ln_grad_backward(long b, long F, const T* __restrict dg, const T* __restric
   }
 }
 
+// mean and 1 / sqrt(var + eps) of one row z[0..F)
+template <typename T> inline void ln_stats(long F, const T* z, T& mu, T& rstd) {
+  constexpr int W = VW<T>;
+  mu = vsum(z, F) / T(F);
+  vec_t<T> a = {};
+  long j = 0;
+  for (; j + W <= F; j += W) {
+    const vec_t<T> x = vload(z + j) - mu;
+    a += x * x;
+  }
+  T var = hsum<T>(a);
+  for (; j < F; ++j) var += (z[j] - mu) * (z[j] - mu);
+  rstd = T(1) / std::sqrt(var / T(F) + T(LN_EPS));
+}
+
 // E[i, j] = coef_i * lr_j for j <= i, else 0; out[i, j] = E[i, j] * (x[i, j] + 1) (x may equal out)
 template <typename T> inline void tril_e_mul(long b, const T* coef, const T* lr, const T* x, T* out) {
   for (long i = 0; i < b; ++i)

@@ -180,8 +180,8 @@ HeadsDims check_heads(const at::Tensor& xq, const at::Tensor& xk, const at::Tens
   check_tensor(coef, "coef", dt, {b});
   check_tensor(ln_w, "ln_w", dt, {NH, F});
   check_tensor(ln_b, "ln_b", dt, {NH, F});
-  check_tensor(cos, "cos", dt, {b, F / 2});
-  check_tensor(sin, "sin", dt, {b, F / 2});
+  check_tensor(cos, "cos", dt, {b, F});
+  check_tensor(sin, "sin", dt, {b, F});
   check_tensor(n_complete, "n_complete", at::kLong, {B * NH});
   const int64_t H = check_state(state, dt, B * NH, F, lead, true);
   return HeadsDims{Dims{B * NH, (L + b - 1) / b, b, F, H, true}, B, L, NH};
