@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.conv import causal_conv1d
@@ -251,7 +252,7 @@ class TTTLayer(nn.Module):
             xk = self.k_proj(x)
         xv = self.v_proj(x)
 
-        gate_logits = torch.einsum("bld,hd->bhl", x, self.learnable_ttt_lr_weight.squeeze(1))
+        gate_logits = F.linear(x, self.learnable_ttt_lr_weight.squeeze(1)).transpose(1, 2)  # [B, H, L]
         gate_logits = gate_logits + self.learnable_ttt_lr_bias.view(1, h, 1)
         lr = self.ttt_base_lr * torch.sigmoid(gate_logits.to(_inner_dtype(x.dtype))) / f
         coef = token_coefficients(self.learnable_token_idx)

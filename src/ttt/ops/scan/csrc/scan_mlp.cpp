@@ -13,7 +13,7 @@ template <typename T> struct Mlp {
     sz[1] = sz[5] = d.H;
     sz[3] = sz[7] = d.F;
   }
-  // tape: Xbar2, (room for dP in the backward), X2 (adjacent: one product for dW2), gelu'(Z1),
+  // tape: X2, Xbar2, (room for dP in the backward) (adjacent: one product for dW2), gelu'(Z1),
   // gelu''(Z1), P = G2 W2^T, G1, gelu'(Zbar1) [b x H]; xhat, gy, G2 [b x F]; rstd [b];
   // Q K^T, Xbar2 X2^T [b x b]
   static long tape_size(const Dims& d) { return 8 * d.b * d.H + 3 * d.b * d.F + d.b + 2 * d.b * d.b; }
@@ -22,13 +22,13 @@ template <typename T> struct Mlp {
   }
 
   struct Tape {
-    T *xb2, *dp, *x2, *dg1, *d2g1, *p, *G1, *dgb, *xhat, *gy, *G2, *rstd, *qk, *xx;
+    T *x2, *xb2, *dp, *dg1, *d2g1, *p, *G1, *dgb, *xhat, *gy, *G2, *rstd, *qk, *xx;
     Tape(const Dims& d, T* ptr) {
       const long bh = d.b * d.H, bf = d.b * d.F;
-      xb2 = ptr;
+      x2 = ptr;
+      xb2 = x2 + bh;
       dp = xb2 + bh;
-      x2 = dp + bh;
-      dg1 = x2 + bh;
+      dg1 = dp + bh;
       d2g1 = dg1 + bh;
       p = d2g1 + bh;
       G1 = p + bh;
@@ -65,8 +65,11 @@ template <typename T> struct Mlp {
     T* A = tT + b * std::max(F, H);
     T* tmp = A + b * b;
     // Z1 = K W1 + b1, X2 = gelu(Z1)
-    mm_nn<T>(b, H, F, mb.K, W1, t.x2);
-    add_rows(b, H, b1, t.x2);
+    // [Z1; Zbar1] = [K; Q] W1 + b1 in one product where the caller keeps K and Q adjacent (W1 is read
+    // once); Zbar1 gets its - A1 G1 below
+    const bool kq = mb.Q == mb.K + b * F;
+    mm_nn<T>(kq ? 2 * b : b, H, F, mb.K, W1, t.x2);
+    add_rows(kq ? 2 * b : b, H, b1, t.x2);
     gelu<T>(b * H, t.x2, t.x2, t.dg1, full ? t.d2g1 : nullptr);
     // Z2 = X2 W2 + b2, G2 = grad of the inner loss at Z2, G1 = (G2 W2^T) * gelu'(Z1)
     T* z2 = tmp + b * H;
@@ -80,8 +83,10 @@ template <typename T> struct Mlp {
     transpose<T>(b, F, mb.K, tT);
     mm_nn<T>(b, b, F, mb.Q, tT, t.qk);
     tril_e_mul<T>(b, mb.coef, mb.lr, t.qk, A);
-    mm_nn<T>(b, H, F, mb.Q, W1, t.xb2);
-    add_rows(b, H, b1, t.xb2);
+    if (!kq) {
+      mm_nn<T>(b, H, F, mb.Q, W1, t.xb2);
+      add_rows(b, H, b1, t.xb2);
+    }
     mm_nn<T>(b, H, b, A, t.G1, t.xb2, T(-1), true);
     if (mb.first && acc_nz) first_term(b, H, F, mb.coef, mb.Q, gW1, gb1, t.xb2, tmp);
     gelu<T>(b * H, t.xb2, t.xb2, full ? t.dgb : nullptr, nullptr);
@@ -140,17 +145,17 @@ template <typename T> struct Mlp {
     T* dg1 = dlg1 + bh;
     T* tT = dg1 + bh;
     T* dx2 = tT + bh + bf;
-    T* dxb2 = dx2 + bh;  // becomes dZbar1; [dZbar1; dZ1] (2b x H) for dW1
-    T* dz1 = dxb2 + bh;
-    T* cz = dz1 + bh;
+    T* dz1 = dx2 + bh;  // [dZ1; dZbar1] (2b x H) for dW1
+    T* dxb2 = dz1 + bh;  // becomes dZbar1
+    T* cz = dxb2 + bh;
     T* tmp = cz + bh;
     T* lg2 = tmp + bh;
     T* dlg2 = lg2 + bf;
     T* dg2 = dlg2 + bf;
-    T* bstack = dg2 + bf;  // [dZbar2; G2; dZ2] (3b x F) for dW2
-    T* dz2 = bstack + 2 * bf;
-    T* qk_stack = bstack + 3 * bf;  // [Q; K] (2b x F) for dW1
-    T* da = qk_stack + 2 * bf;
+    T* bstack = dg2 + bf;  // [dZ2; dZbar2; G2] (3b x F) for dW2
+    T* dz2 = bstack;
+    T* kq_stack = bstack + 3 * bf;  // [K; Q] (2b x F) for dW1, where the caller's are not adjacent
+    T* da = kq_stack + 2 * bf;
     T* A = da + b * b;
     T* de = A + b * b;
     T* lns = de + b * b;
@@ -269,17 +274,21 @@ template <typename T> struct Mlp {
     ln_grad_backward<T>(b, F, dg2, t.G2, t.gy, t.xhat, t.rstd, mb.S, mb.lnw, dz2, gr.ds, gr.dlnw, lns);
     transpose<T>(b, F, dz2, tT);
     mm_nt<T>(b, H, F, tT, W2, dx2, T(1), true);
-    std::copy(dzb, dzb + bf, bstack);
-    std::copy(t.G2, t.G2 + bf, bstack + bf);
-    mm_tn<T>(H, F, 3 * b, t.xb2, bstack, dW2, T(1), true);  // Xbar2^T dZbar2 + dP^T G2 + X2^T dZ2
+    std::copy(dzb, dzb + bf, bstack + bf);
+    std::copy(t.G2, t.G2 + bf, bstack + 2 * bf);
+    mm_tn<T>(H, F, 3 * b, t.x2, bstack, dW2, T(1), true);  // X2^T dZ2 + Xbar2^T dZbar2 + dP^T G2
     colsum<T>(b, F, dz2, db2, T(1), true);
     // X2 = gelu(Z1), Z1 = K W1 + b1
     for (long i = 0; i < bh; ++i) dz1[i] += dx2[i] * t.dg1[i];
     transpose<T>(b, H, dz1, tT);
     mm_nt<T>(b, F, H, tT, W1, gr.dk, T(1), true);
-    std::copy(mb.Q, mb.Q + bf, qk_stack);
-    std::copy(mb.K, mb.K + bf, qk_stack + bf);
-    mm_tn<T>(F, H, 2 * b, qk_stack, dxb2, dW1, T(1), true);  // Q^T dZbar1 + K^T dZ1
+    const T* kq = mb.K;
+    if (mb.Q != mb.K + bf) {
+      std::copy(mb.K, mb.K + bf, kq_stack);
+      std::copy(mb.Q, mb.Q + bf, kq_stack + bf);
+      kq = kq_stack;
+    }
+    mm_tn<T>(F, H, 2 * b, kq, dz1, dW1, T(1), true);  // K^T dZ1 + Q^T dZbar1
     colsum<T>(b, H, dz1, db1, T(1), true);
   }
 };
