@@ -17,6 +17,7 @@ Ratios are to the attention layer / Llama measured in the same rounds.
 
     python -m ttt.benchmarks.backends                                  # the committed run
     python -m ttt.benchmarks.backends --lengths 256 --rounds 1 --model-size tiny --out /tmp/b  # smoke
+    python -m ttt.benchmarks.backends --threads 1 --name backends_1thread   # on a shared machine
 """
 
 from __future__ import annotations
@@ -231,13 +232,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--train-size", default="train",
                    help="'train' (width 512, 4 layers, vocab 256) or a preset name")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: torch's default); 1 makes ratios robust on a loaded machine")
+    p.add_argument("--name", default="backends", help="results file name (default backends)")
     p.add_argument("--out", default=str(RESULTS_DIR))
     args = p.parse_args(argv)
     args.argv = argv
+    if args.threads:
+        torch.set_num_threads(args.threads)
     payload = run(args)
     text = table(payload)
     print(text)
-    write_results("backends", payload, text, Path(args.out))
+    write_results(args.name, payload, text, Path(args.out))
     return payload
 
 

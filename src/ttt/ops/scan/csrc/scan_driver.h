@@ -24,7 +24,7 @@ template <typename T> inline bool any_nonzero(const T* x, long n) {
 // Model<T> provides: NS (number of state tensors; the second half are the accumulators),
 // sizes(d, out[NS]), tape_size(d), scratch_size(d),
 // tape(d, st, acc_nz, mb, tape, scratch, zbar_or_null, full),
-// update(d, st, acc_nz, mb, tape, scratch), backward(d, st, acc_nz, mb, tape, dzbar, dst, grads, scratch).
+// update(d, src, dst, acc_nz, mb, tape, scratch), backward(d, st, acc_nz, mb, tape, dzbar, dst, grads, scratch).
 template <typename T, typename Model, typename Io>
 void scan_forward_impl(const Dims& d, const Io& io, const int64_t* n_complete, std::vector<const T*> init,
                        std::vector<T*> final_st, std::vector<T*> ckpt, long group) {
@@ -70,7 +70,7 @@ void scan_forward_impl(const Dims& d, const Io& io, const int64_t* n_complete, s
         T* zbar = io.zbar_out(d, r, m, buf.data());
         Model::tape(d, st, acc_nz, mb, tape.data(), scratch.data(), zbar, false);
         io.emit(d, r, m, mb, zbar, buf.data());
-        Model::update(d, st, acc_nz, mb, tape.data(), scratch.data());
+        Model::update(d, st, st, acc_nz, mb, tape.data(), scratch.data());
         acc[r - r0] = acc_nz;
       }
     for (int64_t r = r0; r < r1; ++r) {
@@ -144,10 +144,8 @@ void scan_backward_impl(const Dims& d, const Io& io, const int64_t* n_complete, 
           if (m + 1 < m1) {
             T* nx[NS];
             slot(j + 1, nx);
-            std::copy(st[0], st[NS / 2], nx[0]);  // weights; accumulators only when non-zero
-            if (acc[j]) std::copy(st[NS / 2], st[0] + state_size, nx[NS / 2]);
             bool a = acc[j];
-            Model::update(d, nx, a, mb, tapes.data() + j * tsz, scratch.data());
+            Model::update(d, st, nx, a, mb, tapes.data() + j * tsz, scratch.data());  // writes the next slot
             acc[j + 1] = a;
           }
         }

@@ -101,8 +101,12 @@ template <typename T> struct Mlp {
     if (mb.first && acc_nz) first_term(b, F, H, mb.coef, t.xb2, gW2, gb2, zbar, tmp);
   }
 
-  static void update(const Dims& d, T* const* st, bool& acc_nz, const Mb<T>& mb, const T* tp, T* scratch) {
+  // state after the mini-batch: src -> dst (may be the same); writes dst's weights, and its accumulators
+  // when they stay live (acc_nz on return)
+  static void update(const Dims& d, const T* const* src, T* const* dst, bool& acc_nz, const Mb<T>& mb,
+                     const T* tp, T* scratch) {
     const long b = d.b, F = d.F, H = d.H;
+    const long n[4] = {F * H, H, H * F, F};
     Tape t(d, const_cast<T*>(tp));
     T* lg1 = scratch;
     T* lg2 = lg1 + b * H;
@@ -112,22 +116,28 @@ template <typename T> struct Mlp {
     }
     if (mb.complete) {
       const T cl = mb.coef[b - 1];
-      if (acc_nz) {
+      const T* w[4] = {src[0], src[1], src[2], src[3]};
+      if (acc_nz) {  // fold the carried accumulators in first
         for (int s = 0; s < 4; ++s) {
-          const long n = s % 2 ? (s == 1 ? H : F) : F * H;
-          for (long i = 0; i < n; ++i) st[s][i] -= cl * st[s + 4][i];
+          for (long i = 0; i < n[s]; ++i) dst[s][i] = src[s][i] - cl * src[s + 4][i];
+          w[s] = dst[s];
         }
         acc_nz = false;  // the accumulators' memory is stale from here on (see scan_driver.h)
       }
-      mm_tn<T>(F, H, b, mb.K, lg1, st[0], -cl, true);
-      colsum<T>(b, H, lg1, st[1], -cl, true);
-      mm_tn<T>(H, F, b, t.x2, lg2, st[2], -cl, true);
-      colsum<T>(b, F, lg2, st[3], -cl, true);
+      mm_tn<T>(F, H, b, mb.K, lg1, dst[0], -cl, true, w[0]);
+      copy_to(w[1], dst[1], H);
+      colsum<T>(b, H, lg1, dst[1], -cl, true);
+      mm_tn<T>(H, F, b, t.x2, lg2, dst[2], -cl, true, w[2]);
+      copy_to(w[3], dst[3], F);
+      colsum<T>(b, F, lg2, dst[3], -cl, true);
     } else {
-      mm_tn<T>(F, H, b, mb.K, lg1, st[4], T(1), acc_nz);
-      colsum<T>(b, H, lg1, st[5], T(1), acc_nz);
-      mm_tn<T>(H, F, b, t.x2, lg2, st[6], T(1), acc_nz);
-      colsum<T>(b, F, lg2, st[7], T(1), acc_nz);
+      for (int s = 0; s < 4; ++s) copy_to(src[s], dst[s], n[s]);
+      mm_tn<T>(F, H, b, mb.K, lg1, dst[4], T(1), acc_nz, src[4]);
+      if (acc_nz) copy_to(src[5], dst[5], H);
+      colsum<T>(b, H, lg1, dst[5], T(1), acc_nz);
+      mm_tn<T>(H, F, b, t.x2, lg2, dst[6], T(1), acc_nz, src[6]);
+      if (acc_nz) copy_to(src[7], dst[7], F);
+      colsum<T>(b, F, lg2, dst[7], T(1), acc_nz);
       acc_nz = true;
     }
   }
