@@ -19,8 +19,9 @@ import warnings
 import pytest
 import torch
 
-from ttt.ops import InnerState, extension, ttt_dual, ttt_reference
+from ttt.ops import InnerState, extension, rope_adjacent, ttt_dual, ttt_reference
 from ttt.ops import scan as scan_mod
+from ttt.ops.dual import ttt_dual_heads, ttt_dual_heads_composed
 from ttt.ops.scan import cpp_scan, default_group, get_backend, torch_scan, ttt_scan
 
 BACKENDS = ["torch", "cpp"]
@@ -137,6 +138,141 @@ def test_backend_equals_reference_float64(backend, mlp, case) -> None:
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=["b7", "b16-carried-ragged"])
 def test_backend_equals_reference_float32(backend, mlp, case) -> None:
     _check_against_reference(backend, mlp, case, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# the layer's inner part on [B, L, H, F] projections: rotary embedding + dual form (fused when compiled)
+# --------------------------------------------------------------------------------------------------
+
+THETA = 500.0
+
+
+def _reference_heads(xq, xk, xv, lr, coef, ln_w, ln_b, state, lengths=None):
+    """Rotary embedding + the token-by-token reference, on [B, L, H, F] inputs."""
+    mb = coef.shape[0]
+    pos = (state.pos.view(-1, 1) + torch.arange(xq.shape[1])) % mb
+    q, k, v = (t.transpose(1, 2) for t in (xq, xk, xv))
+    q, k = rope_adjacent(q, pos, THETA), rope_adjacent(k, pos, THETA)
+    out, st = ttt_reference(q, k, v, lr, coef, ln_w, ln_b, state, lengths)
+    return out.transpose(1, 2), st
+
+
+def _heads(fn):
+    return lambda *a, lengths=None, **kw: fn(*a, THETA, lengths, **kw)
+
+
+@pytest.fixture
+def heads_calls(monkeypatch):
+    """Counts the compiled scan's fused-pass calls."""
+    impl = _backend("cpp")
+    calls = []
+    real = type(impl).heads_forward
+
+    def spy(self, *a, **kw):
+        calls.append(a[0].shape)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(type(impl), "heads_forward", spy)
+    return calls
+
+
+HEADS_CASES = [CASES[0], CASES[1], CASES[4], CASES[6],
+               (2, 3, 40, 16, 8, [8, 16], None, 2),  # carried weights, starting on a mini-batch boundary
+               (2, 1, 37, 16, 16, [0, 5], None, 1),  # starts inside a mini-batch: composed
+               (2, 2, 45, 16, 16, None, [45, 20], 2)]  # ragged: composed
+
+
+@pytest.mark.parametrize("mlp", [False, True], ids=["linear", "mlp"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", HEADS_CASES, ids=lambda c: f"L{c[2]}-F{c[3]}-b{c[4]}-g{c[7]}"
+                         + ("-carried" if c[5] else "") + ("-ragged" if c[6] else ""))
+def test_heads_fused_equals_reference(heads_calls, mlp, dtype, case) -> None:
+    """Outputs, final state and every gradient of ttt_dual_heads (fused where it applies) against the
+    token-by-token reference, and the fused pass against the composition of readable ops."""
+    bsz, heads, length, f, mb, prefix, ragged, group = case
+    inputs64, weights64 = make_inputs(bsz, heads, length, f, mb, mlp, seed=length + f + mb)
+    for i in range(3):
+        inputs64[i] = inputs64[i].transpose(1, 2).contiguous()
+    carried64 = None
+    if prefix is not None:
+        pre, _ = make_inputs(bsz, heads, max(prefix), f, mb, mlp, seed=7)
+        with torch.no_grad():
+            fresh = InnerState.from_weights(tuple(weights64), bsz)
+            _, carried64 = ttt_reference(*pre[:4], *inputs64[4:], fresh, lengths=torch.tensor(prefix))
+    lengths = None if ragged is None else torch.tensor(ragged)
+    ref = _run(_reference_heads, inputs64, weights64, carried64, lengths)
+    cast = [t.to(dtype) for t in inputs64]
+    carried = None
+    if carried64 is not None:
+        carried = carried64._map(lambda t: t.to(dtype) if t.is_floating_point() else t)
+    weights = [w.to(dtype) for w in weights64]
+    kw = {"remat_group_size": group, "backend": "cpp"}
+    fused = _run(_heads(ttt_dual_heads), cast, weights, carried, lengths, **kw)
+    expect_fused = ragged is None and (prefix is None or all(p % mb == 0 for p in prefix))
+    assert len(heads_calls) == (1 if expect_fused else 0)
+    composed = _run(_heads(ttt_dual_heads_composed), cast, weights, carried, lengths, **kw)
+    tol = TOL[dtype]
+    for got in (fused, composed):
+        assert torch.equal(got[2], ref[2])
+        for i, (a, b) in enumerate(zip(got[0], ref[0], strict=True)):
+            assert a.dtype == dtype and rel_err(a, b) <= tol, f"value {i}: {rel_err(a, b):.2e}"
+        for i, (a, b) in enumerate(zip(got[1], ref[1], strict=True)):
+            assert a is not None and rel_err(a, b) <= tol, f"grad {i}: {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("mlp", [False, True], ids=["linear", "mlp"])
+def test_heads_fused_reads_strided_projections(heads_calls, mlp) -> None:
+    """q, k, v as column blocks of one [B, L, 3D] tensor (and v with a non-unit feature stride): the
+    same values and gradients as from contiguous copies."""
+    bsz, heads, length, f, mb = 2, 3, 21, 8, 4
+    inputs, weights = make_inputs(bsz, heads, length, f, mb, mlp, seed=3)
+    big = torch.cat([t.transpose(1, 2).reshape(bsz, length, heads * f) for t in inputs[:3]], -1)
+    state = InnerState.from_weights(tuple(weights), bsz)
+    results = []
+    for strided in (True, False):
+        leaf = big.clone().requires_grad_()
+        parts = [leaf[..., i * heads * f:(i + 1) * heads * f].view(bsz, length, heads, f) for i in range(3)]
+        if strided:
+            parts[2] = parts[2].transpose(0, 1).contiguous().transpose(0, 1)
+            parts[1] = parts[1].flip(-1).contiguous().flip(-1)  # a negative feature stride
+        else:
+            parts = [p.contiguous() for p in parts]
+        out, st = ttt_dual_heads(*parts, *inputs[3:], state, THETA, backend="cpp")
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+        results.append((out.detach(), st.W1, leaf.grad))
+    for a, b in zip(*results, strict=True):
+        assert rel_err(a, b) <= 1e-13
+    assert len(heads_calls) == 2
+
+
+@pytest.mark.parametrize("mlp", [False, True], ids=["linear", "mlp"])
+def test_heads_fused_without_autograd_is_the_same(heads_calls, mlp) -> None:
+    """The inference pass (no checkpoints, no saved Zbar) gives bit-identical outputs and state."""
+    inputs, weights = make_inputs(2, 2, 30, 8, 4, mlp, seed=4)
+    inputs = [t.transpose(1, 2).contiguous() if i < 3 else t for i, t in enumerate(inputs)]
+    state = InnerState.from_weights(tuple(w.clone().requires_grad_() for w in weights), 2)
+    out, st = ttt_dual_heads(*inputs, state, THETA, backend="cpp")
+    with torch.no_grad():
+        out_ng, st_ng = ttt_dual_heads(*inputs, state, THETA, backend="cpp")
+    assert out.requires_grad and not out_ng.requires_grad and len(heads_calls) == 2
+    assert torch.equal(out, out_ng) and torch.equal(st.pos, st_ng.pos)
+    assert all(torch.equal(a, b) for a, b in zip(st.weights() + st.grads(), st_ng.weights() + st_ng.grads()))
+
+
+@pytest.mark.parametrize("mlp", [False, True], ids=["linear", "mlp"])
+def test_heads_fused_gradcheck(mlp) -> None:
+    _backend("cpp")
+    inputs, weights = make_inputs(1, 2, 7, 4, 3, mlp, seed=5)
+    inputs = [t.transpose(1, 2).contiguous() if i < 3 else t for i, t in enumerate(inputs)]
+    n_in = len(inputs)
+
+    def fn(*xs):
+        state = InnerState.from_weights(tuple(xs[n_in:]), 1)
+        out, st = ttt_dual_heads(*xs[:n_in], state, THETA, remat_group_size=2, backend="cpp")
+        return (out, *st.weights())
+
+    leaves = tuple(t.clone().requires_grad_() for t in inputs + weights)
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------

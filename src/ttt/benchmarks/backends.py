@@ -17,6 +17,7 @@ Ratios are to the attention layer / Llama measured in the same rounds.
 
     python -m ttt.benchmarks.backends                                  # the committed run
     python -m ttt.benchmarks.backends --lengths 256 --rounds 1 --model-size tiny --out /tmp/b  # smoke
+    python -m ttt.benchmarks.backends --threads 1 --name backends_1thread   # on a shared machine
 """
 
 from __future__ import annotations
@@ -65,16 +66,22 @@ def _ttt_arch_name(arch: str, backend: str) -> str:
     return f"{arch}[{backend}]"
 
 
+MATMUL_N = 2048  # the square matmul timed in the layer rounds (the peak a layer's FLOP rate is held to)
+
+
 def layer_workload(length: int, backends: list[str], rounds: int, device: torch.device, width: int = 768,
                    heads: int = 12) -> list[dict[str, Any]]:
-    """Attention vs TTT layers (every backend), forward and forward+backward at one length."""
+    """Attention vs TTT layers (every backend), forward and forward+backward at one length; also a
+    ``MATMUL_N``-square matmul in the same rounds (record ``model="matmul"``), so a layer's FLOP rate can be
+    compared with the matmul rate of the same moments on a machine whose speed drifts."""
     torch.manual_seed(0)
     layers: dict[str, torch.nn.Module] = {"attention": CausalSelfAttention(width, heads)}
     for b in backends:
         layers[_ttt_arch_name("ttt-linear", b)] = TTTLinear(width, heads, scan_backend=b)
         layers[_ttt_arch_name("ttt-mlp", b)] = TTTMLP(width, heads, scan_backend=b)
     x = torch.randn(1, length, width, device=device)
-    cands: dict[str, Callable[[], Any]] = {}
+    a, b = (torch.randn(MATMUL_N, MATMUL_N, device=device) for _ in range(2))
+    cands: dict[str, Callable[[], Any]] = {"matmul|fwd": lambda: a @ b}
     for name, layer in layers.items():
         layer.to(device).train()
 
@@ -176,6 +183,9 @@ def table(payload: dict[str, Any]) -> str:
     for f in payload.get("linear_forward_fraction_of_peak", []):
         text += (f"\nTTT-Linear layer forward [{f['backend']}] at {f['length']}: {f['gflops']:.1f} GFLOP/s = "
                  f"{100 * f['fraction']:.0f}% of the matmul peak")
+        if "fraction_in_rounds" in f:
+            text += (f"; {100 * f['fraction_in_rounds']:.0f}% of the {f['matmul_gflops_in_rounds']:.1f} "
+                     f"GFLOP/s of a {MATMUL_N}-square matmul timed in the same rounds")
     return text + "\n"
 
 
@@ -193,13 +203,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for length in args.lengths:
         if "layer" in args.workloads:
             recs = layer_workload(length, backends, args.rounds, device)
-            results += recs
+            mm = next(r for r in recs if r["model"] == "matmul")
+            in_rounds = 2 * MATMUL_N**3 / mm["median_s"] / 1e9
+            results += [r for r in recs if r is not mm]
             flops = ttt_linear_forward_flops(1, length, 768, 12, 16)
             for r in recs:
                 if r["model"].startswith("ttt-linear[") and r["mode"] == "fwd":
                     gf = flops / r["median_s"] / 1e9
                     fractions.append({"backend": r["model"][11:-1], "length": length, "gflops": gf,
-                                      "fraction": gf / peak})
+                                      "fraction": gf / peak, "matmul_gflops_in_rounds": in_rounds,
+                                      "fraction_in_rounds": gf / in_rounds})
         if "forward" in args.workloads:
             results += forward_workload(length, backends, args.rounds, device, args.model_size)
         if "train" in args.workloads:
@@ -231,13 +244,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--train-size", default="train",
                    help="'train' (width 512, 4 layers, vocab 256) or a preset name")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: torch's default); 1 makes ratios robust on a loaded machine")
+    p.add_argument("--name", default="backends", help="results file name (default backends)")
     p.add_argument("--out", default=str(RESULTS_DIR))
     args = p.parse_args(argv)
     args.argv = argv
+    if args.threads:
+        torch.set_num_threads(args.threads)
     payload = run(args)
     text = table(payload)
     print(text)
-    write_results("backends", payload, text, Path(args.out))
+    write_results(args.name, payload, text, Path(args.out))
     return payload
 
 

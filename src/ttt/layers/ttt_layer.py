@@ -6,11 +6,12 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.conv import causal_conv1d
 from ..ops.decode import ttt_step
-from ..ops.dual import ttt_dual
+from ..ops.dual import ttt_dual_heads
 from ..ops.functional import gelu_tanh, rope_adjacent, token_coefficients
 from ..ops.reference import ttt_reference
 from ..ops.scan import BACKENDS
@@ -251,30 +252,28 @@ class TTTLayer(nn.Module):
             xk = self.k_proj(x)
         xv = self.v_proj(x)
 
-        def heads(t: Tensor) -> Tensor:
-            return t.view(bsz, length, h, f).transpose(1, 2)
-
-        xq, xk, xv = heads(xq), heads(xk), heads(xv)
-        positions = state.inner.pos.view(bsz, 1) + torch.arange(length, device=x.device)
-        positions = positions % self.mini_batch_size
-        xq = rope_adjacent(xq, positions, self.rope_theta, period=self.mini_batch_size)
-        xk = rope_adjacent(xk, positions, self.rope_theta, period=self.mini_batch_size)
-
-        gate_logits = torch.einsum("bld,hd->bhl", x, self.learnable_ttt_lr_weight.squeeze(1))
+        gate_logits = F.linear(x, self.learnable_ttt_lr_weight.squeeze(1)).transpose(1, 2)  # [B, H, L]
         gate_logits = gate_logits + self.learnable_ttt_lr_bias.view(1, h, 1)
         lr = self.ttt_base_lr * torch.sigmoid(gate_logits.to(_inner_dtype(x.dtype))) / f
         coef = token_coefficients(self.learnable_token_idx)
         # the inner loop runs in the state's dtype (fp32 for half models): keep autocast out of it
         with torch.autocast(device_type=x.device.type, enabled=False):
-            args = (xq, xk, xv, lr, coef, self.ttt_norm_weight, self.ttt_norm_bias, state.inner, lengths)
-            if self.impl == "reference":
-                out, inner = ttt_reference(*args)
-            elif length == 1:  # decoding: the primal one-token step beats the dual form's set-up
-                out, inner = ttt_step(*args)
+            if self.impl == "dual" and length != 1:  # [B, L, H, F] views in, [B, L, H, F] out
+                xq, xk, xv = (t.view(bsz, length, h, f) for t in (xq, xk, xv))
+                out, inner = ttt_dual_heads(xq, xk, xv, lr, coef, self.ttt_norm_weight, self.ttt_norm_bias,
+                                            state.inner, self.rope_theta, lengths,
+                                            remat_group_size=self.remat_group_size, backend=self.scan_backend)
             else:
-                out, inner = ttt_dual(*args, remat_group_size=self.remat_group_size,
-                                      backend=self.scan_backend)
-        out = out.to(x.dtype).transpose(1, 2).reshape(bsz, length, self.hidden_size)
+                xq, xk, xv = (t.view(bsz, length, h, f).transpose(1, 2) for t in (xq, xk, xv))
+                positions = (state.inner.pos.view(bsz, 1) + torch.arange(length, device=x.device)) \
+                    % self.mini_batch_size
+                xq = rope_adjacent(xq, positions, self.rope_theta, period=self.mini_batch_size)
+                xk = rope_adjacent(xk, positions, self.rope_theta, period=self.mini_batch_size)
+                args = (xq, xk, xv, lr, coef, self.ttt_norm_weight, self.ttt_norm_bias, state.inner, lengths)
+                # decoding: the primal one-token step beats the dual form's set-up
+                out, inner = (ttt_reference if self.impl == "reference" else ttt_step)(*args)
+                out = out.transpose(1, 2)
+        out = out.to(x.dtype).reshape(bsz, length, self.hidden_size)
         out = self.post_norm(out)
         if self.use_gate:
             out = gelu_tanh(self.g_proj(x)) * out

@@ -6,6 +6,10 @@ touch nothing). The targets are formed for all tokens at once; the sequential sc
 (:mod:`ttt.ops.scan`, with its PyTorch, compiled-CPU and Triton backends and a hand-written backward)
 works on the ``[batch*heads, n_minibatches, b, F]`` grid, and the output LayerNorm is again applied to
 all tokens at once. Per-token weights are never materialised.
+
+:func:`ttt_dual_heads` is the layer's entry point: it takes the projections in their own head-interleaved
+layout, applies the rotary embedding and runs :func:`ttt_dual`; where the compiled scan applies, all of
+it is one fused pass (:mod:`ttt.ops.scan.fused`).
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .functional import layer_norm
+from .functional import layer_norm, rope_adjacent
 from .scan import ttt_scan
+from .scan.fused import fused_backend, ttt_dual_heads_fused
 from .state import InnerState
 
 
@@ -166,3 +171,45 @@ def ttt_dual(
     n_w = len(final) // 2
     new = InnerState.from_parts(tuple(final[:n_w]), tuple(final[n_w:]), ends % mini_batch)
     return out.to(in_dtype), new
+
+
+def ttt_dual_heads_composed(
+    xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, coef: Tensor, ln_w: Tensor, ln_b: Tensor,
+    state: InnerState, rope_theta: float, lengths: Tensor | None = None, remat_group_size: int = 0,
+    backend: str | None = None,
+) -> tuple[Tensor, InnerState]:
+    """:func:`ttt_dual_heads` from the readable ops: rotary embedding of q and k, then :func:`ttt_dual`."""
+    bsz, length = xq.shape[:2]
+    mini_batch = coef.shape[0]
+    positions = (state.pos.view(bsz, 1) + torch.arange(length, device=xq.device)) % mini_batch
+    xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))
+    xq = rope_adjacent(xq, positions, rope_theta, period=mini_batch)
+    xk = rope_adjacent(xk, positions, rope_theta, period=mini_batch)
+    out, new = ttt_dual(xq, xk, xv, lr, coef, ln_w, ln_b, state, lengths, remat_group_size=remat_group_size,
+                        backend=backend)
+    return out.transpose(1, 2), new
+
+
+def ttt_dual_heads(
+    xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, coef: Tensor, ln_w: Tensor, ln_b: Tensor,
+    state: InnerState, rope_theta: float, lengths: Tensor | None = None, remat_group_size: int = 0,
+    backend: str | None = None,
+) -> tuple[Tensor, InnerState]:
+    """The TTT layer's inner part on head-interleaved projections ``xq, xk, xv [B, L, H, F]``.
+
+    Rotates q and k (rotary embedding with base ``rope_theta`` at each token's position inside its
+    mini-batch) and runs :func:`ttt_dual` (other arguments as there). Returns ``(out [B, L, H, F], state)``,
+    ``out`` in the input's dtype. One fused compiled pass where :func:`ttt.ops.scan.fused.fused_backend`
+    allows, else :func:`ttt_dual_heads_composed`.
+    """
+    if xq.dim() != 4 or xk.shape != xq.shape or xv.shape != xq.shape:
+        raise ValueError(f"xq/xk/xv must be [batch, length, heads, head_dim] alike, got {tuple(xq.shape)}, "
+                         f"{tuple(xk.shape)}, {tuple(xv.shape)}")
+    _validate(*(t.transpose(1, 2) for t in (xq, xk, xv)), lr, coef, ln_w, ln_b, state, lengths)
+    impl = fused_backend(xq, coef, state, lengths, backend)
+    if impl is None:
+        return ttt_dual_heads_composed(xq, xk, xv, lr, coef, ln_w, ln_b, state, rope_theta, lengths,
+                                       remat_group_size, backend)
+    out, new = ttt_dual_heads_fused(impl, xq, xk, xv, lr, coef, ln_w, ln_b, state, rope_theta,
+                                    remat_group_size)
+    return out.to(xq.dtype), new

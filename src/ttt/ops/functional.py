@@ -66,6 +66,13 @@ def ln_l2_grad_closed_form(
     return (f * gy - gy.sum(-1, keepdim=True) - xhat * (gy * xhat).sum(-1, keepdim=True)) * (rstd / f)
 
 
+def rope_table(f: int, positions: Tensor, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``cos, sin [..., F/2]`` of the rotary angles ``pos * theta^(-2i/F)`` (computed in float64)."""
+    inv_freq = theta ** (-torch.arange(0, f, 2, device=positions.device, dtype=torch.float64) / f)
+    ang = positions.to(torch.float64)[..., None] * inv_freq
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
 def rope_adjacent(x: Tensor, positions: Tensor, theta: float = 10000.0, period: int | None = None) -> Tensor:
     """Rotary embedding rotating adjacent feature pairs (2i, 2i+1) by ``pos * theta^(-2i/F)``.
 
@@ -78,14 +85,12 @@ def rope_adjacent(x: Tensor, positions: Tensor, theta: float = 10000.0, period: 
     f = x.shape[-1]
     if f % 2:
         raise ValueError(f"rotary embedding needs an even head dim, got {f}")
-    inv_freq = theta ** (-torch.arange(0, f, 2, device=x.device, dtype=torch.float64) / f)
     wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if period is not None:  # angles in float64, then one table lookup per token
-        ang = torch.arange(period, device=x.device, dtype=torch.float64)[:, None] * inv_freq
-        cos, sin = ang.cos().to(wide)[positions], ang.sin().to(wide)[positions]  # [B, L, F/2]
+    if period is not None:  # one table lookup per token
+        cos, sin = rope_table(f, torch.arange(period, device=x.device), theta, wide)
+        cos, sin = cos[positions], sin[positions]  # [B, L, F/2]
     else:
-        ang = positions.to(torch.float64)[..., None] * inv_freq  # [B, L, F/2]
-        cos, sin = ang.cos().to(wide), ang.sin().to(wide)
+        cos, sin = rope_table(f, positions, theta, wide)
     if x.dtype in (torch.float32, torch.float64):  # one complex multiply: (x0 + i x1) * e^{i ang}
         xc = torch.view_as_complex(x.reshape(*x.shape[:-1], f // 2, 2).contiguous())
         return torch.view_as_real(xc * torch.complex(cos, sin)[:, None]).flatten(-2)

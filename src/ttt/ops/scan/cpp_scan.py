@@ -18,7 +18,7 @@ from .. import extension
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(CSRC / n for n in ("scan_ops.cpp", "scan_linear.cpp", "scan_mlp.cpp"))
-HEADERS = tuple(CSRC / n for n in ("scan_api.h", "scan_driver.h", "scan_kernels.h"))
+HEADERS = tuple(CSRC / n for n in ("scan_api.h", "scan_driver.h", "scan_io.h", "scan_kernels.h"))
 NAME = "ttt_scan_cpp"
 
 
@@ -61,6 +61,27 @@ class CppBackend:
             [t.contiguous() for t in d_final])
         dk, dq, ds, dlr, dcoef_rows, dlnw, *d_state = out
         return (dk, dq, ds, dlr, dcoef_rows.sum(0), None if ln_w is None else dlnw, *d_state)
+
+    def heads_forward(self, xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, coef: Tensor, ln_w: Tensor,
+                      ln_b: Tensor, cos: Tensor, sin: Tensor, n_complete: Tensor, state: tuple[Tensor, ...],
+                      group: int, save: bool
+                      ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...], Tensor]:
+        """The fused layer pass (:mod:`ttt.ops.scan.fused`): ``(out, final state, checkpoints, Zbar)``;
+        checkpoints and ``Zbar`` (for the backward) only when ``save``."""
+        out = torch.ops.ttt_scan.heads_forward(xq, xk, xv, lr, coef, ln_w, ln_b, cos, sin, n_complete,
+                                               [t.contiguous() for t in state], int(group), bool(save))
+        ns = len(state)
+        return out[0], tuple(out[1:1 + ns]), tuple(out[1 + ns:-1]), out[-1]
+
+    def heads_backward(self, xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, coef: Tensor, ln_w: Tensor,
+                       ln_b: Tensor, cos: Tensor, sin: Tensor, n_complete: Tensor, saved: tuple[Tensor, ...],
+                       zbar: Tensor, group: int, d_out: Tensor, d_final: tuple[Tensor, ...]
+                       ) -> tuple[Tensor, ...]:
+        """``(dxq, dxk, dxv, dlr, dcoef [R, b], d ln_w [R, F], d ln_b [R, F], *d_initial_state)``."""
+        if d_out.stride(-1) != 1:
+            d_out = d_out.contiguous()
+        return tuple(torch.ops.ttt_scan.heads_backward(xq, xk, xv, lr, coef, ln_w, ln_b, cos, sin, n_complete,
+                                                       list(saved), zbar, int(group), d_out, list(d_final)))
 
 
 def load() -> CppBackend:

@@ -53,7 +53,7 @@ template <typename T> inline T hsum(vec_t<T> v) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// matmul: C (M x N) = beta * C + alpha * A (M x K) B (K x N)
+// matmul: C (M x N) = beta * D + alpha * A (M x K) B (K x N), D = C unless given (same layout as C)
 //   A(i, k) = A[i * ars + k * acs] (any strides: transposed operands are free)
 //   B(k, j) = B[k * ldb + j]       (rows contiguous)
 //   C(i, j) = C[i * crs + j * ccs] (ccs != 1 writes a transposed result)
@@ -61,7 +61,7 @@ template <typename T> inline T hsum(vec_t<T> v) {
 
 template <typename T, int MR, int NV>
 inline void mm_block(long K, const T* __restrict A, long ars, long acs, const T* __restrict B, long ldb,
-                     T* C, long crs, long ccs, T alpha, bool beta) {
+                     T* C, long crs, long ccs, T alpha, bool beta, const T* D) {
   typedef vec_t<T> V;
   constexpr int W = VW<T>;
   V acc[MR][NV];
@@ -79,16 +79,18 @@ inline void mm_block(long K, const T* __restrict A, long ars, long acs, const T*
   }
   for (int i = 0; i < MR; ++i) {
     T* c = C + i * crs;
+    const T* dd = D + i * crs;
     for (int v = 0; v < NV; ++v) {
       V r = alpha * acc[i][v];
       if (ccs == 1) {
-        if (beta) r += vload(c + v * W);
+        if (beta) r += vload(dd + v * W);
         vstore(c + v * W, r);
       } else {  // transposed result: scatter through a small buffer (keeps acc in registers)
         T tmp[W];
         vstore(tmp, r);
         T* cv = c + v * W * ccs;
-        for (int j = 0; j < W; ++j) cv[j * ccs] = beta ? cv[j * ccs] + tmp[j] : tmp[j];
+        const T* dv = dd + v * W * ccs;
+        for (int j = 0; j < W; ++j) cv[j * ccs] = beta ? dv[j * ccs] + tmp[j] : tmp[j];
       }
     }
   }
@@ -97,7 +99,7 @@ inline void mm_block(long K, const T* __restrict A, long ars, long acs, const T*
 // the last n < W columns (scalar accumulators, the compiler vectorises what it can)
 template <typename T>
 inline void mm_tail(long M, long n, long K, const T* A, long ars, long acs, const T* B, long ldb, T* C,
-                    long crs, long ccs, T alpha, bool beta) {
+                    long crs, long ccs, T alpha, bool beta, const T* D) {
   constexpr int W = VW<T>;
   for (long i = 0; i < M; ++i) {
     T acc[W] = {};
@@ -108,31 +110,36 @@ inline void mm_tail(long M, long n, long K, const T* A, long ars, long acs, cons
     }
     for (long j = 0; j < n; ++j) {
       T* c = C + i * crs + j * ccs;
-      *c = beta ? *c + alpha * acc[j] : alpha * acc[j];
+      const T* dd = D + i * crs + j * ccs;
+      *c = beta ? *dd + alpha * acc[j] : alpha * acc[j];
     }
   }
 }
 
 template <typename T, int MR, int NV>
 inline void mm_panel(long M, long K, const T* A, long ars, long acs, const T* B, long ldb, T* C, long crs,
-                     long ccs, T alpha, bool beta) {
+                     long ccs, T alpha, bool beta, const T* D) {
   long i = 0;
   for (; i + MR <= M; i += MR)
-    mm_block<T, MR, NV>(K, A + i * ars, ars, acs, B, ldb, C + i * crs, crs, ccs, alpha, beta);
+    mm_block<T, MR, NV>(K, A + i * ars, ars, acs, B, ldb, C + i * crs, crs, ccs, alpha, beta, D + i * crs);
   if constexpr (MR > 1) {
-    if (i < M) mm_panel<T, MR / 2, NV>(M - i, K, A + i * ars, ars, acs, B, ldb, C + i * crs, crs, ccs, alpha, beta);
+    if (i < M)
+      mm_panel<T, MR / 2, NV>(M - i, K, A + i * ars, ars, acs, B, ldb, C + i * crs, crs, ccs, alpha, beta,
+                              D + i * crs);
   }
 }
 
 template <typename T>
 void mm(long M, long N, long K, const T* A, long ars, long acs, const T* B, long ldb, T* C, long crs, long ccs,
-        T alpha = T(1), bool beta = false) {
+        T alpha = T(1), bool beta = false, const T* D = nullptr) {
+  if (!D) D = C;
   constexpr int W = VW<T>;
   long j = 0;
   for (; j + 2 * W <= N; j += 2 * W)
-    mm_panel<T, 8, 2>(M, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta);
-  for (; j + W <= N; j += W) mm_panel<T, 16, 1>(M, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta);
-  if (j < N) mm_tail<T>(M, N - j, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta);
+    mm_panel<T, 8, 2>(M, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta, D + j * ccs);
+  for (; j + W <= N; j += W)
+    mm_panel<T, 16, 1>(M, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta, D + j * ccs);
+  if (j < N) mm_tail<T>(M, N - j, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta, D + j * ccs);
 }
 
 // C (M x N, row-major) (+)= alpha * A (M x K, row-major) B (K x N, row-major)
@@ -140,10 +147,11 @@ template <typename T>
 inline void mm_nn(long M, long N, long K, const T* A, const T* B, T* C, T alpha = T(1), bool beta = false) {
   mm<T>(M, N, K, A, K, 1, B, N, C, N, 1, alpha, beta);
 }
-// C (M x N) (+)= alpha * A^T B with A stored (K x M) row-major
+// C (M x N) (+)= alpha * A^T B with A stored (K x M) row-major; with D given: C = D + alpha * A^T B
 template <typename T>
-inline void mm_tn(long M, long N, long K, const T* A, const T* B, T* C, T alpha = T(1), bool beta = false) {
-  mm<T>(M, N, K, A, 1, M, B, N, C, N, 1, alpha, beta);
+inline void mm_tn(long M, long N, long K, const T* A, const T* B, T* C, T alpha = T(1), bool beta = false,
+                  const T* D = nullptr) {
+  mm<T>(M, N, K, A, 1, M, B, N, C, N, 1, alpha, beta, D);
 }
 // C (M x N) (+)= alpha * A B^T with A (M x K) small and B (N x K) large: computed as C^T = B A^T with
 // At = A^T (K x M, row-major, prepared by the caller) and a transposed store.
@@ -187,6 +195,10 @@ template <typename T> inline T vdot(const T* x, const T* y, long n) {
   T s = hsum<T>(a + b);
   for (; i < n; ++i) s += x[i] * y[i];
   return s;
+}
+
+template <typename T> inline void copy_to(const T* src, T* dst, long n) {
+  if (src != dst) std::copy(src, src + n, dst);
 }
 
 // out[j] (+)= sum_i x[i, j] over rows of a (rows x cols) matrix
@@ -402,6 +414,21 @@ void ln_grad_backward(long b, long F, const T* __restrict dg, const T* __restric
       dlnw[j] += dgy[j] * (T(2) * lnw[j] * xi[j] + si[j]);
     }
   }
+}
+
+// mean and 1 / sqrt(var + eps) of one row z[0..F)
+template <typename T> inline void ln_stats(long F, const T* z, T& mu, T& rstd) {
+  constexpr int W = VW<T>;
+  mu = vsum(z, F) / T(F);
+  vec_t<T> a = {};
+  long j = 0;
+  for (; j + W <= F; j += W) {
+    const vec_t<T> x = vload(z + j) - mu;
+    a += x * x;
+  }
+  T var = hsum<T>(a);
+  for (; j < F; ++j) var += (z[j] - mu) * (z[j] - mu);
+  rstd = T(1) / std::sqrt(var / T(F) + T(LN_EPS));
 }
 
 // E[i, j] = coef_i * lr_j for j <= i, else 0; out[i, j] = E[i, j] * (x[i, j] + 1) (x may equal out)

@@ -66,25 +66,34 @@ template <typename T> struct Linear {
     }
   }
 
-  static void update(const Dims& d, T* const* st, bool& acc_nz, const Mb<T>& mb, const T* tp, T* scratch) {
+  // state after the mini-batch: src -> dst (may be the same); writes dst's weights, and its accumulators
+  // when they stay live (acc_nz on return)
+  static void update(const Dims& d, const T* const* src, T* const* dst, bool& acc_nz, const Mb<T>& mb,
+                     const T* tp, T* scratch) {
     const long b = d.b, F = d.F;
-    T *W = st[0], *bias = st[1], *gW = st[2], *gb = st[3];
     Tape t(d, const_cast<T*>(tp));
     T* lg = scratch;
     for (long i = 0; i < b; ++i)
       for (long j = 0; j < F; ++j) lg[i * F + j] = mb.lr[i] * t.G[i * F + j];
     if (mb.complete) {
       const T cl = mb.coef[b - 1];
-      if (acc_nz) {
-        for (long i = 0; i < F * F; ++i) W[i] -= cl * gW[i];
-        for (long i = 0; i < F; ++i) bias[i] -= cl * gb[i];
+      const T *W = src[0], *bias = src[1];
+      if (acc_nz) {  // fold the carried accumulators in first
+        for (long i = 0; i < F * F; ++i) dst[0][i] = src[0][i] - cl * src[2][i];
+        for (long i = 0; i < F; ++i) dst[1][i] = src[1][i] - cl * src[3][i];
+        W = dst[0];
+        bias = dst[1];
         acc_nz = false;  // the accumulators' memory is stale from here on (see scan_driver.h)
       }
-      mm_tn<T>(F, F, b, mb.K, lg, W, -cl, true);
-      colsum<T>(b, F, lg, bias, -cl, true);
+      mm_tn<T>(F, F, b, mb.K, lg, dst[0], -cl, true, W);
+      copy_to(bias, dst[1], F);
+      colsum<T>(b, F, lg, dst[1], -cl, true);
     } else {
-      mm_tn<T>(F, F, b, mb.K, lg, gW, T(1), acc_nz);
-      colsum<T>(b, F, lg, gb, T(1), acc_nz);
+      copy_to(src[0], dst[0], F * F);
+      copy_to(src[1], dst[1], F);
+      mm_tn<T>(F, F, b, mb.K, lg, dst[2], T(1), acc_nz, src[2]);
+      if (acc_nz) copy_to(src[3], dst[3], F);
+      colsum<T>(b, F, lg, dst[3], T(1), acc_nz);
       acc_nz = true;
     }
   }
@@ -188,31 +197,24 @@ template <typename T> struct Linear {
 
 }  // namespace
 
-template <typename T>
-void linear_forward(const Dims& d, const T* k, const T* q, const T* s, const T* lr, const T* coef, const T* lnw,
-                    const int64_t* nc, std::vector<const T*> init, std::vector<T*> fin, std::vector<T*> ckpt,
-                    long group, T* zbar) {
-  scan_forward_impl<T, Linear<T>>(d, k, q, s, lr, coef, lnw, nc, init, fin, ckpt, group, zbar);
+template <typename T, typename Io>
+void linear_forward(const Dims& d, const Io& io, const int64_t* nc, std::vector<const T*> init,
+                    std::vector<T*> fin, std::vector<T*> ckpt, long group) {
+  scan_forward_impl<T, Linear<T>, Io>(d, io, nc, init, fin, ckpt, group);
 }
 
-template <typename T>
-void linear_backward(const Dims& d, const T* k, const T* q, const T* s, const T* lr, const T* coef,
-                     const T* lnw, const int64_t* nc, std::vector<const T*> ckpt, long group, const T* dzbar,
-                     std::vector<const T*> d_final, T* dk, T* dq, T* ds, T* dlr, T* dcoef, T* dlnw,
-                     std::vector<T*> d_init) {
-  scan_backward_impl<T, Linear<T>>(d, k, q, s, lr, coef, lnw, nc, ckpt, group, dzbar, d_final, dk, dq, ds, dlr,
-                                   dcoef, dlnw, d_init);
+template <typename T, typename Io>
+void linear_backward(const Dims& d, const Io& io, const int64_t* nc, std::vector<const T*> ckpt, long group,
+                     std::vector<const T*> d_final, T* dcoef, T* dlnw, std::vector<T*> d_init) {
+  scan_backward_impl<T, Linear<T>, Io>(d, io, nc, ckpt, group, d_final, dcoef, dlnw, d_init);
 }
 
-#define TTT_INSTANTIATE(T)                                                                                   \
-  template void linear_forward<T>(const Dims&, const T*, const T*, const T*, const T*, const T*, const T*,  \
-                                  const int64_t*, std::vector<const T*>, std::vector<T*>, std::vector<T*>,  \
-                                  long, T*);                                                                \
-  template void linear_backward<T>(const Dims&, const T*, const T*, const T*, const T*, const T*, const T*, \
-                                   const int64_t*, std::vector<const T*>, long, const T*,                   \
-                                   std::vector<const T*>, T*, T*, T*, T*, T*, T*, std::vector<T*>);
-TTT_INSTANTIATE(float)
-TTT_INSTANTIATE(double)
+#define TTT_INSTANTIATE(T, IO)                                                                               \
+  template void linear_forward<T, IO>(const Dims&, const IO&, const int64_t*, std::vector<const T*>,         \
+                                     std::vector<T*>, std::vector<T*>, long);                               \
+  template void linear_backward<T, IO>(const Dims&, const IO&, const int64_t*, std::vector<const T*>, long,   \
+                                      std::vector<const T*>, T*, T*, std::vector<T*>);
+TTT_FOR_EACH_IO(TTT_INSTANTIATE)
 #undef TTT_INSTANTIATE
 
 }  // namespace ttt_scan

@@ -13,7 +13,7 @@ template <typename T> struct Mlp {
     sz[1] = sz[5] = d.H;
     sz[3] = sz[7] = d.F;
   }
-  // tape: Xbar2, (room for dP in the backward), X2 (adjacent: one product for dW2), gelu'(Z1),
+  // tape: X2, Xbar2, (room for dP in the backward) (adjacent: one product for dW2), gelu'(Z1),
   // gelu''(Z1), P = G2 W2^T, G1, gelu'(Zbar1) [b x H]; xhat, gy, G2 [b x F]; rstd [b];
   // Q K^T, Xbar2 X2^T [b x b]
   static long tape_size(const Dims& d) { return 8 * d.b * d.H + 3 * d.b * d.F + d.b + 2 * d.b * d.b; }
@@ -22,13 +22,13 @@ template <typename T> struct Mlp {
   }
 
   struct Tape {
-    T *xb2, *dp, *x2, *dg1, *d2g1, *p, *G1, *dgb, *xhat, *gy, *G2, *rstd, *qk, *xx;
+    T *x2, *xb2, *dp, *dg1, *d2g1, *p, *G1, *dgb, *xhat, *gy, *G2, *rstd, *qk, *xx;
     Tape(const Dims& d, T* ptr) {
       const long bh = d.b * d.H, bf = d.b * d.F;
-      xb2 = ptr;
+      x2 = ptr;
+      xb2 = x2 + bh;
       dp = xb2 + bh;
-      x2 = dp + bh;
-      dg1 = x2 + bh;
+      dg1 = dp + bh;
       d2g1 = dg1 + bh;
       p = d2g1 + bh;
       G1 = p + bh;
@@ -65,8 +65,11 @@ template <typename T> struct Mlp {
     T* A = tT + b * std::max(F, H);
     T* tmp = A + b * b;
     // Z1 = K W1 + b1, X2 = gelu(Z1)
-    mm_nn<T>(b, H, F, mb.K, W1, t.x2);
-    add_rows(b, H, b1, t.x2);
+    // [Z1; Zbar1] = [K; Q] W1 + b1 in one product where the caller keeps K and Q adjacent (W1 is read
+    // once); Zbar1 gets its - A1 G1 below
+    const bool kq = mb.Q == mb.K + b * F;
+    mm_nn<T>(kq ? 2 * b : b, H, F, mb.K, W1, t.x2);
+    add_rows(kq ? 2 * b : b, H, b1, t.x2);
     gelu<T>(b * H, t.x2, t.x2, t.dg1, full ? t.d2g1 : nullptr);
     // Z2 = X2 W2 + b2, G2 = grad of the inner loss at Z2, G1 = (G2 W2^T) * gelu'(Z1)
     T* z2 = tmp + b * H;
@@ -80,8 +83,10 @@ template <typename T> struct Mlp {
     transpose<T>(b, F, mb.K, tT);
     mm_nn<T>(b, b, F, mb.Q, tT, t.qk);
     tril_e_mul<T>(b, mb.coef, mb.lr, t.qk, A);
-    mm_nn<T>(b, H, F, mb.Q, W1, t.xb2);
-    add_rows(b, H, b1, t.xb2);
+    if (!kq) {
+      mm_nn<T>(b, H, F, mb.Q, W1, t.xb2);
+      add_rows(b, H, b1, t.xb2);
+    }
     mm_nn<T>(b, H, b, A, t.G1, t.xb2, T(-1), true);
     if (mb.first && acc_nz) first_term(b, H, F, mb.coef, mb.Q, gW1, gb1, t.xb2, tmp);
     gelu<T>(b * H, t.xb2, t.xb2, full ? t.dgb : nullptr, nullptr);
@@ -96,8 +101,12 @@ template <typename T> struct Mlp {
     if (mb.first && acc_nz) first_term(b, F, H, mb.coef, t.xb2, gW2, gb2, zbar, tmp);
   }
 
-  static void update(const Dims& d, T* const* st, bool& acc_nz, const Mb<T>& mb, const T* tp, T* scratch) {
+  // state after the mini-batch: src -> dst (may be the same); writes dst's weights, and its accumulators
+  // when they stay live (acc_nz on return)
+  static void update(const Dims& d, const T* const* src, T* const* dst, bool& acc_nz, const Mb<T>& mb,
+                     const T* tp, T* scratch) {
     const long b = d.b, F = d.F, H = d.H;
+    const long n[4] = {F * H, H, H * F, F};
     Tape t(d, const_cast<T*>(tp));
     T* lg1 = scratch;
     T* lg2 = lg1 + b * H;
@@ -107,22 +116,28 @@ template <typename T> struct Mlp {
     }
     if (mb.complete) {
       const T cl = mb.coef[b - 1];
-      if (acc_nz) {
+      const T* w[4] = {src[0], src[1], src[2], src[3]};
+      if (acc_nz) {  // fold the carried accumulators in first
         for (int s = 0; s < 4; ++s) {
-          const long n = s % 2 ? (s == 1 ? H : F) : F * H;
-          for (long i = 0; i < n; ++i) st[s][i] -= cl * st[s + 4][i];
+          for (long i = 0; i < n[s]; ++i) dst[s][i] = src[s][i] - cl * src[s + 4][i];
+          w[s] = dst[s];
         }
         acc_nz = false;  // the accumulators' memory is stale from here on (see scan_driver.h)
       }
-      mm_tn<T>(F, H, b, mb.K, lg1, st[0], -cl, true);
-      colsum<T>(b, H, lg1, st[1], -cl, true);
-      mm_tn<T>(H, F, b, t.x2, lg2, st[2], -cl, true);
-      colsum<T>(b, F, lg2, st[3], -cl, true);
+      mm_tn<T>(F, H, b, mb.K, lg1, dst[0], -cl, true, w[0]);
+      copy_to(w[1], dst[1], H);
+      colsum<T>(b, H, lg1, dst[1], -cl, true);
+      mm_tn<T>(H, F, b, t.x2, lg2, dst[2], -cl, true, w[2]);
+      copy_to(w[3], dst[3], F);
+      colsum<T>(b, F, lg2, dst[3], -cl, true);
     } else {
-      mm_tn<T>(F, H, b, mb.K, lg1, st[4], T(1), acc_nz);
-      colsum<T>(b, H, lg1, st[5], T(1), acc_nz);
-      mm_tn<T>(H, F, b, t.x2, lg2, st[6], T(1), acc_nz);
-      colsum<T>(b, F, lg2, st[7], T(1), acc_nz);
+      for (int s = 0; s < 4; ++s) copy_to(src[s], dst[s], n[s]);
+      mm_tn<T>(F, H, b, mb.K, lg1, dst[4], T(1), acc_nz, src[4]);
+      if (acc_nz) copy_to(src[5], dst[5], H);
+      colsum<T>(b, H, lg1, dst[5], T(1), acc_nz);
+      mm_tn<T>(H, F, b, t.x2, lg2, dst[6], T(1), acc_nz, src[6]);
+      if (acc_nz) copy_to(src[7], dst[7], F);
+      colsum<T>(b, F, lg2, dst[7], T(1), acc_nz);
       acc_nz = true;
     }
   }
@@ -140,17 +155,17 @@ template <typename T> struct Mlp {
     T* dg1 = dlg1 + bh;
     T* tT = dg1 + bh;
     T* dx2 = tT + bh + bf;
-    T* dxb2 = dx2 + bh;  // becomes dZbar1; [dZbar1; dZ1] (2b x H) for dW1
-    T* dz1 = dxb2 + bh;
-    T* cz = dz1 + bh;
+    T* dz1 = dx2 + bh;  // [dZ1; dZbar1] (2b x H) for dW1
+    T* dxb2 = dz1 + bh;  // becomes dZbar1
+    T* cz = dxb2 + bh;
     T* tmp = cz + bh;
     T* lg2 = tmp + bh;
     T* dlg2 = lg2 + bf;
     T* dg2 = dlg2 + bf;
-    T* bstack = dg2 + bf;  // [dZbar2; G2; dZ2] (3b x F) for dW2
-    T* dz2 = bstack + 2 * bf;
-    T* qk_stack = bstack + 3 * bf;  // [Q; K] (2b x F) for dW1
-    T* da = qk_stack + 2 * bf;
+    T* bstack = dg2 + bf;  // [dZ2; dZbar2; G2] (3b x F) for dW2
+    T* dz2 = bstack;
+    T* kq_stack = bstack + 3 * bf;  // [K; Q] (2b x F) for dW1, where the caller's are not adjacent
+    T* da = kq_stack + 2 * bf;
     T* A = da + b * b;
     T* de = A + b * b;
     T* lns = de + b * b;
@@ -269,48 +284,45 @@ template <typename T> struct Mlp {
     ln_grad_backward<T>(b, F, dg2, t.G2, t.gy, t.xhat, t.rstd, mb.S, mb.lnw, dz2, gr.ds, gr.dlnw, lns);
     transpose<T>(b, F, dz2, tT);
     mm_nt<T>(b, H, F, tT, W2, dx2, T(1), true);
-    std::copy(dzb, dzb + bf, bstack);
-    std::copy(t.G2, t.G2 + bf, bstack + bf);
-    mm_tn<T>(H, F, 3 * b, t.xb2, bstack, dW2, T(1), true);  // Xbar2^T dZbar2 + dP^T G2 + X2^T dZ2
+    std::copy(dzb, dzb + bf, bstack + bf);
+    std::copy(t.G2, t.G2 + bf, bstack + 2 * bf);
+    mm_tn<T>(H, F, 3 * b, t.x2, bstack, dW2, T(1), true);  // X2^T dZ2 + Xbar2^T dZbar2 + dP^T G2
     colsum<T>(b, F, dz2, db2, T(1), true);
     // X2 = gelu(Z1), Z1 = K W1 + b1
     for (long i = 0; i < bh; ++i) dz1[i] += dx2[i] * t.dg1[i];
     transpose<T>(b, H, dz1, tT);
     mm_nt<T>(b, F, H, tT, W1, gr.dk, T(1), true);
-    std::copy(mb.Q, mb.Q + bf, qk_stack);
-    std::copy(mb.K, mb.K + bf, qk_stack + bf);
-    mm_tn<T>(F, H, 2 * b, qk_stack, dxb2, dW1, T(1), true);  // Q^T dZbar1 + K^T dZ1
+    const T* kq = mb.K;
+    if (mb.Q != mb.K + bf) {
+      std::copy(mb.K, mb.K + bf, kq_stack);
+      std::copy(mb.Q, mb.Q + bf, kq_stack + bf);
+      kq = kq_stack;
+    }
+    mm_tn<T>(F, H, 2 * b, kq, dz1, dW1, T(1), true);  // K^T dZ1 + Q^T dZbar1
     colsum<T>(b, H, dz1, db1, T(1), true);
   }
 };
 
 }  // namespace
 
-template <typename T>
-void mlp_forward(const Dims& d, const T* k, const T* q, const T* s, const T* lr, const T* coef, const T* lnw,
-                 const int64_t* nc, std::vector<const T*> init, std::vector<T*> fin, std::vector<T*> ckpt,
-                 long group, T* zbar) {
-  scan_forward_impl<T, Mlp<T>>(d, k, q, s, lr, coef, lnw, nc, init, fin, ckpt, group, zbar);
+template <typename T, typename Io>
+void mlp_forward(const Dims& d, const Io& io, const int64_t* nc, std::vector<const T*> init,
+                    std::vector<T*> fin, std::vector<T*> ckpt, long group) {
+  scan_forward_impl<T, Mlp<T>, Io>(d, io, nc, init, fin, ckpt, group);
 }
 
-template <typename T>
-void mlp_backward(const Dims& d, const T* k, const T* q, const T* s, const T* lr, const T* coef, const T* lnw,
-                  const int64_t* nc, std::vector<const T*> ckpt, long group, const T* dzbar,
-                  std::vector<const T*> d_final, T* dk, T* dq, T* ds, T* dlr, T* dcoef, T* dlnw,
-                  std::vector<T*> d_init) {
-  scan_backward_impl<T, Mlp<T>>(d, k, q, s, lr, coef, lnw, nc, ckpt, group, dzbar, d_final, dk, dq, ds, dlr,
-                                dcoef, dlnw, d_init);
+template <typename T, typename Io>
+void mlp_backward(const Dims& d, const Io& io, const int64_t* nc, std::vector<const T*> ckpt, long group,
+                     std::vector<const T*> d_final, T* dcoef, T* dlnw, std::vector<T*> d_init) {
+  scan_backward_impl<T, Mlp<T>, Io>(d, io, nc, ckpt, group, d_final, dcoef, dlnw, d_init);
 }
 
-#define TTT_INSTANTIATE(T)                                                                                   \
-  template void mlp_forward<T>(const Dims&, const T*, const T*, const T*, const T*, const T*, const T*,     \
-                               const int64_t*, std::vector<const T*>, std::vector<T*>, std::vector<T*>,     \
-                               long, T*);                                                                   \
-  template void mlp_backward<T>(const Dims&, const T*, const T*, const T*, const T*, const T*, const T*,    \
-                                const int64_t*, std::vector<const T*>, long, const T*,                      \
-                                std::vector<const T*>, T*, T*, T*, T*, T*, T*, std::vector<T*>);
-TTT_INSTANTIATE(float)
-TTT_INSTANTIATE(double)
+#define TTT_INSTANTIATE(T, IO)                                                                               \
+  template void mlp_forward<T, IO>(const Dims&, const IO&, const int64_t*, std::vector<const T*>,         \
+                                     std::vector<T*>, std::vector<T*>, long);                               \
+  template void mlp_backward<T, IO>(const Dims&, const IO&, const int64_t*, std::vector<const T*>, long,   \
+                                      std::vector<const T*>, T*, T*, std::vector<T*>);
+TTT_FOR_EACH_IO(TTT_INSTANTIATE)
 #undef TTT_INSTANTIATE
 
 }  // namespace ttt_scan
