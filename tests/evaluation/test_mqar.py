@@ -172,3 +172,21 @@ def test_registry_factory_heads_backbone_and_mamba2_chunk() -> None:
     llama = registry_factory("transformer", 32, 2, 64, 64, num_heads=2)
     assert llama.config.num_attention_heads == llama.config.num_key_value_heads == 2
     assert registry_factory("mamba2", 32, 2, 64, 256).config.chunk_size == 32
+
+
+def test_lrs_by_arch_and_resume_keep_unchanged_runs(tmp_path) -> None:
+    cfg = MQARConfig(**{**MQAR_PRESETS["smoke"], "archs": ["a", "b"]})
+    run_mqar(cfg, tmp_path, model_factory=llama_factory, log=None)
+    built: list[tuple] = []
+    cfg2 = MQARConfig(**{**MQAR_PRESETS["smoke"], "archs": ["a", "b"], "lrs_by_arch": {"b": [1e-3, 3e-3]}})
+    rows = run_mqar(cfg2, tmp_path, model_factory=lambda *a: built.append(a) or llama_factory(*a), log=None)
+    assert [b[0] for b in built] == ["b"]  # only b at the new lr is trained
+    data = json.loads((tmp_path / "mqar.json").read_text())
+    assert sorted(r["key"] for r in data["runs"]) == ["a|32|0.003", "b|32|0.001", "b|32|0.003"]
+    assert {tuple(sorted(r["accuracy_by_lr"])) for r in rows if r["arch"] == "b"} == {("0.001", "0.003")}
+    # a change that matters to every run (steps) retrains everything; a dropped lr drops its run
+    built.clear()
+    cfg3 = MQARConfig(**{**MQAR_PRESETS["smoke"], "archs": ["a", "b"], "steps": 5})
+    run_mqar(cfg3, tmp_path, model_factory=lambda *a: built.append(a) or llama_factory(*a), log=None)
+    assert sorted(b[0] for b in built) == ["a", "b"]
+    assert len(json.loads((tmp_path / "mqar.json").read_text())["runs"]) == 2

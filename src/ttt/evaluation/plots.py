@@ -89,7 +89,11 @@ def plot_mqar(
     kvs_at = {s: {int(r["num_kv_pairs"]) for r in rows if int(r["seq_len"]) == s} for s in seq_lens}
     common = set.intersection(*kvs_at.values()) if kvs_at else set()
     fixed_kv = max(common) if common else None
-    lines = sorted({(str(r["arch"]), int(r["width"])) for r in rows})
+    order = ["ttt-linear", "ttt-mlp", "transformer", "mamba", "mamba2"]
+    lines = sorted(
+        {(str(r["arch"]), int(r["width"])) for r in rows},
+        key=lambda aw: (order.index(aw[0]) if aw[0] in order else len(order), aw),
+    )
     widths = {w for _, w in lines}
     chance = max((float(r["chance"]) for r in rows if "chance" in r), default=None)
     panels = len(seq_lens) + (fixed_kv is not None)
@@ -98,10 +102,12 @@ def plot_mqar(
     def label(arch: str, width: int) -> str:
         return arch if len(widths) == 1 else f"{arch} d={width}"
 
-    def finish(ax: Any, xlabel: str, sub: str) -> None:
+    def finish(ax: Any, xlabel: str, sub: str, ticks: Sequence[int]) -> None:
         if chance is not None:
             ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label=f"chance {chance:.3f}")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(list(ticks), [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test answer accuracy")
@@ -118,7 +124,7 @@ def plot_mqar(
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o", markersize=4, label=label(arch, width))
-        finish(ax, "key-value pairs", f"sequence length {seq_len}")
+        finish(ax, "key-value pairs", f"sequence length {seq_len}", sorted(kvs_at[seq_len]))
     if fixed_kv is not None:
         ax = axes[0][len(seq_lens)]
         for arch, width in lines:
@@ -130,7 +136,7 @@ def plot_mqar(
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o", markersize=4, label=label(arch, width))
-        finish(ax, "sequence length", f"{fixed_kv} key-value pairs")
+        finish(ax, "sequence length", f"{fixed_kv} key-value pairs", seq_lens)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
     fig.suptitle(title)
