@@ -174,7 +174,7 @@ MQAR_PRESETS: dict[str, dict[str, Any]] = {
         train_examples=64,
         test_examples=16,
     ),
-    # learns on a 2-core CPU in ~30 min for the five architectures (docs/results.md, "MQAR")
+    # learns on a CPU: ~40 CPU-minutes on one thread for the five architectures (docs/results.md, "MQAR")
     "cpu": dict(
         archs=["transformer", "ttt-linear", "ttt-mlp", "mamba2", "mamba"],
         seq_lens=[32, 64, 128, 256],
