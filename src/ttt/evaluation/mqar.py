@@ -3,21 +3,24 @@
 A sequence starts with ``num_kv_pairs`` key-value pairs ``k1 v1 k2 v2 ...``; later, at random
 positions, each key appears again as a query and must be followed by its value. Keys come from the
 lower half of the vocabulary (ids ``1 .. vocab_size // 2 - 1``), values from the upper half; id 0 is the
-filler token between queries. The loss is taken only on the answers: ``labels`` is -100 everywhere
-except at the value that follows a query (HF convention: ``labels`` are aligned with ``input_ids`` and
-shifted inside the model, so the model predicts ``labels[t]`` from tokens ``< t``).
+filler token between queries. As in Zoology, the answer is *not* in the input (the position after a
+query holds the filler 0), so earlier answers cannot be used to rule values out; the loss is taken only
+on the answers: ``labels`` is -100 everywhere except at the position after a query, which holds the
+key's value (HF convention: ``labels`` are aligned with ``input_ids`` and shifted inside the model, so
+the model predicts ``labels[t]`` from tokens ``< t``).
 
 >>> ids, labels = generate_mqar(2, seq_len=32, num_kv_pairs=4, vocab_size=64, seed=0)
 >>> ids.shape, int((labels != -100).sum())
 (torch.Size([2, 32]), 8)
 
-:func:`run_mqar` trains small 2-layer models of several architectures across sequence lengths and
-widths with a small learning-rate sweep and reports the best test accuracy per setting.
+:func:`run_mqar` trains one small 2-layer model per (architecture, width, learning rate) on a mixture
+of (sequence length, number of key-value pairs) settings, after a short curriculum on the easiest one,
+then measures the answer accuracy on held-out sequences of every setting.
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 import json
 import math
 import time
@@ -39,7 +42,12 @@ from .plots import plot_mqar
 
 
 def generate_mqar(
-    num_examples: int, seq_len: int, num_kv_pairs: int, vocab_size: int, seed: int = 0
+    num_examples: int,
+    seq_len: int,
+    num_kv_pairs: int,
+    vocab_size: int,
+    seed: int = 0,
+    reveal_answers: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generate MQAR examples.
 
@@ -50,6 +58,10 @@ def generate_mqar(
         vocab_size: total vocabulary; keys are drawn without replacement from ``1 .. vocab_size//2 - 1``,
             values (with replacement) from ``vocab_size//2 .. vocab_size - 1``.
         seed: generator seed (same seed, same data).
+        reveal_answers: also put each answer in the input after its query (this repository's
+            pre-Zoology variant). Off by default: with the answers visible a model can score well on
+            late queries by ruling out the values already answered, and small models get stuck on that
+            shortcut instead of learning the lookup.
 
     Returns:
         ``(input_ids, labels)``, both ``LongTensor[num_examples, seq_len]``; labels hold the value at each
@@ -77,14 +89,29 @@ def generate_mqar(
     qpos = 2 * p + 2 * slots
     order = np.argsort(rng.random((n, p)), axis=1)  # which pair is asked in each slot
     ids[rows, qpos] = keys[rows, order]
-    ids[rows, qpos + 1] = values[rows, order]
+    if reveal_answers:
+        ids[rows, qpos + 1] = values[rows, order]
     labels[rows, qpos + 1] = values[rows, order]
     return torch.from_numpy(ids), torch.from_numpy(labels)
 
 
-def default_num_kv_pairs(seq_len: int) -> int:
-    """Pairs per sequence for a length (Zoology-like scaling: 64 -> 4, 128 -> 8, 256 -> 16, 512 -> 32)."""
-    return max(1, seq_len // 16)
+def chance_accuracy(vocab_size: int) -> float:
+    """Accuracy of guessing uniformly among the possible values (``1 / (vocab_size - vocab_size // 2)``)."""
+    return 1.0 / (vocab_size - vocab_size // 2)
+
+
+def mqar_settings(seq_lens: Sequence[int], num_kv_pairs: Sequence[int]) -> list[tuple[int, int]]:
+    """The ``(seq_len, num_kv_pairs)`` grid that :func:`generate_mqar` accepts (``4 * pairs <= seq_len``),
+    easiest (shortest, fewest pairs) first."""
+    grid = [(s, p) for s in sorted(set(seq_lens)) for p in sorted(set(num_kv_pairs)) if 4 * p <= s]
+    if not grid:
+        raise ValueError(
+            f"no setting with seq_len >= 4 * num_kv_pairs among seq_lens {list(seq_lens)} "
+            f"and num_kv_pairs {list(num_kv_pairs)}"
+        )
+    return grid
+
+
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -94,52 +121,80 @@ def default_num_kv_pairs(seq_len: int) -> int:
 
 @dataclass
 class MQARConfig:
-    """Settings of an MQAR sweep (see :data:`MQAR_PRESETS`)."""
+    """Settings of an MQAR sweep (see :data:`MQAR_PRESETS`).
+
+    Every (arch, width, lr) trains one model for ``steps`` AdamW steps (warmup + cosine) on the grid
+    :func:`mqar_settings` ``(seq_lens, num_kv_pairs)``: the first ``curriculum_steps`` steps on the
+    easiest setting only, then a uniformly random setting per batch. A batch holds
+    ``tokens_per_batch // seq_len`` sequences drawn from a fixed training set of ``train_examples``
+    sequences per setting (cycled: several epochs). Accuracy is measured per setting on
+    ``test_examples`` held-out sequences. Whether a model learns recall at all is a matter of luck at
+    these budgets (a sudden transition, as for induction heads); so if after the curriculum a model's
+    accuracy on held-out *validation* sequences of the easiest setting is below ``curriculum_pass``,
+    it is rebuilt from the next seed and trained again, up to ``restarts`` times (the same rule for
+    every architecture; the attempts and their time are recorded). ``max_seq_len`` caps the lengths
+    of some architectures (e.g. ``{"mamba": 128}``: its CPU scan is slow); their longer settings are skipped.
+    """
 
     archs: list[str] = field(default_factory=lambda: list(ARCHS))
     seq_lens: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    num_kv_pairs: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])
     widths: list[int] = field(default_factory=lambda: [64, 128])
     lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3])
+    lrs_by_arch: dict[str, list[float]] = field(default_factory=dict)  # replaces ``lrs`` for an arch
     num_layers: int = 2
+    num_heads: int | None = 1  # attention / TTT heads; None keeps the size preset's (4)
+    ttt_backbone: str = "transformer"  # "mamba": causal conv before the TTT layer (paper's TTT (M))
     vocab_size: int = 8192
-    num_kv_pairs: int | None = None  # None: default_num_kv_pairs(seq_len)
+    steps: int = 20000
+    curriculum_steps: int = 2000
+    tokens_per_batch: int = 4096
     train_examples: int = 20000
     test_examples: int = 1000
-    batch_size: int = 64
-    epochs: int = 4
-    weight_decay: float = 0.1
+    weight_decay: float = 0.0
+    restarts: int = 0
+    curriculum_pass: float = 0.5
+    max_seq_len: dict[str, int] = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"
 
 
 MQAR_PRESETS: dict[str, dict[str, Any]] = {
-    # seconds, for the test suite
+    # seconds, for the test suite (too short to learn)
     "smoke": dict(
         archs=["ttt-linear", "transformer"],
-        seq_lens=[32],
+        seq_lens=[16, 32],
+        num_kv_pairs=[2, 4],
         widths=[32],
         lrs=[3e-3],
         vocab_size=64,
-        num_kv_pairs=4,
+        steps=6,
+        curriculum_steps=2,
+        tokens_per_batch=256,
         train_examples=64,
         test_examples=16,
-        batch_size=16,
-        epochs=1,
     ),
-    # minutes on a CPU
-    "quick": dict(
-        archs=["ttt-linear", "ttt-mlp", "transformer", "mamba", "mamba2"],
-        seq_lens=[64, 128],
+    # learns on a CPU: ~40 CPU-minutes on one thread for the five architectures (docs/results.md, "MQAR")
+    "cpu": dict(
+        archs=["transformer", "ttt-linear", "ttt-mlp", "mamba2", "mamba"],
+        seq_lens=[32, 64, 128, 256],
+        num_kv_pairs=[4, 8, 16],
         widths=[64],
-        lrs=[1e-3, 3e-3],
-        vocab_size=256,
-        train_examples=4000,
+        lrs=[3e-3],
+        lrs_by_arch={"ttt-mlp": [1e-3, 3e-3]},  # TTT-MLP's loss turns NaN at 3e-3 (docs/results.md)
+        num_heads=1,
+        ttt_backbone="mamba",
+        vocab_size=64,
+        steps=3000,
+        curriculum_steps=1200,
+        tokens_per_batch=1024,
+        train_examples=10000,
         test_examples=256,
-        batch_size=32,
-        epochs=3,
+        restarts=2,
+        max_seq_len={"mamba": 128},
     ),
-    # the standard sweep (GPU-sized)
-    "default": {},
+    # the standard sweep (GPU-sized; not run in this repository)
+    "default": dict(restarts=2),
 }
 
 
@@ -147,16 +202,34 @@ ModelFactory = Callable[[str, int, int, int, int], torch.nn.Module]
 
 
 def registry_factory(
-    arch: str, width: int, num_layers: int, vocab_size: int, seq_len: int
+    arch: str,
+    width: int,
+    num_layers: int,
+    vocab_size: int,
+    seq_len: int,
+    num_heads: int | None = None,
+    ttt_backbone: str = "transformer",
 ) -> torch.nn.Module:
     """Build ``arch`` with :func:`ttt.models.registry.build_model` at the given width and depth.
 
     All architectures get the same width and depth (Zoology's protocol, not parameter matching); the
     SwiGLU width of TTT / Transformer blocks is ``8/3 * width`` rounded to a multiple of 8.
+    ``num_heads`` sets the attention / TTT heads (``None``: the ``tiny`` preset's 4); ``ttt_backbone``
+    is the TTT models' block (``"mamba"``: a causal conv before the TTT layer, the paper's TTT (M)
+    variant; see :func:`ttt.models.presets.backbone_flags`); Mamba-2's scan
+    chunk is ``min(seq_len, 32)`` (its pure-PyTorch scan pads every sequence to a whole chunk).
     """
     fields: dict[str, Any] = {"hidden_size": width, "num_hidden_layers": num_layers}
     if arch in ("ttt-linear", "ttt-mlp", "transformer"):
         fields["intermediate_size"] = max(8, round(8 * width / 3 / 8) * 8)
+        if num_heads is not None:
+            fields["num_attention_heads"] = num_heads
+            if arch == "transformer":
+                fields["num_key_value_heads"] = num_heads
+    if arch == "mamba2":
+        fields["chunk_size"] = min(seq_len, 32)
+    if arch in ("ttt-linear", "ttt-mlp"):
+        fields["backbone"] = ttt_backbone
     return build_model(arch, "tiny", vocab_size=vocab_size, max_seq_len=seq_len, match=False, **fields)
 
 
@@ -188,41 +261,82 @@ def mqar_accuracy(
     return correct / max(total, 1)
 
 
+Data = dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
 def train_mqar_model(
     model: torch.nn.Module,
-    train: tuple[torch.Tensor, torch.Tensor],
+    train: Data,
     lr: float,
-    epochs: int,
-    batch_size: int,
-    weight_decay: float = 0.1,
+    steps: int,
+    tokens_per_batch: int,
+    curriculum_steps: int = 0,
+    weight_decay: float = 0.0,
     seed: int = 0,
-) -> float:
-    """Train ``model`` on the answer tokens of ``train`` (AdamW, warmup + cosine); returns the last loss."""
+    gate: Callable[[torch.nn.Module], bool] | None = None,
+) -> tuple[float, bool]:
+    """Train ``model`` on the answer tokens of the settings in ``train`` (AdamW, warmup + cosine).
+
+    The first ``curriculum_steps`` batches come from the first setting of ``train`` (the easiest), the
+    rest from a uniformly random setting each; a batch has ``tokens_per_batch // seq_len`` sequences
+    (at least 1), read in order from a per-setting permutation that is redrawn at the end of each
+    epoch. After the curriculum, ``gate(model)`` (if given) decides whether to go on; training stops
+    there when it returns False. Returns (mean answer loss of the last 10% of the steps run, whether
+    the gate passed).
+    """
     device = next(model.parameters()).device
-    ids, labels = train
+    settings = list(train)
     gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(ids) / batch_size)
-    total = max(epochs * steps_per_epoch, 1)
-    warmup = max(1, total // 10)
+    order = {s: torch.randperm(len(train[s][0]), generator=gen) for s in settings}
+    pos = dict.fromkeys(settings, 0)
+    warmup = max(1, steps // 10)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     model.train()
-    last = float("nan")
-    for _ in range(epochs):
-        perm = torch.randperm(len(ids), generator=gen)
-        for i in range(0, len(ids), batch_size):
-            idx = perm[i : i + batch_size]
-            x, y = ids[idx].to(device), labels[idx].to(device)
-            loss = _answer_loss(_forward_logits(model, x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            last = float(loss.detach())
-    return last
+    tail: list[float] = []
+    for step in range(steps):
+        if gate is not None and step == curriculum_steps and curriculum_steps > 0:
+            passed = gate(model)
+            model.train()
+            if not passed:
+                return float(np.mean(tail)) if tail else float("nan"), False
+        if step < curriculum_steps:
+            setting = settings[0]
+        else:
+            setting = settings[int(torch.randint(len(settings), (1,), generator=gen))]
+        ids, labels = train[setting]
+        bs = min(max(1, tokens_per_batch // setting[0]), len(ids))
+        if pos[setting] + bs > len(ids):
+            order[setting], pos[setting] = torch.randperm(len(ids), generator=gen), 0
+        idx = order[setting][pos[setting] : pos[setting] + bs]
+        pos[setting] += bs
+        loss = _answer_loss(_forward_logits(model, ids[idx].to(device)), labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        tail.append(float(loss.detach()))
+        tail = tail[-max(1, steps // 10) :]
+    return float(np.mean(tail)) if tail else float("nan"), True
+
+
+def _accuracy_gate(
+    val: tuple[torch.Tensor, torch.Tensor], threshold: float, record: list[float]
+) -> Callable[[torch.nn.Module], bool]:
+    """A gate for :func:`train_mqar_model`: accuracy on ``val`` >= ``threshold`` (appended to ``record``)."""
+
+    def gate(model: torch.nn.Module) -> bool:
+        record.append(mqar_accuracy(model, *val))
+        return record[-1] >= threshold
+
+    return gate
+
+
+def _setting_key(seq_len: int, kv: int) -> str:
+    return f"L={seq_len},kv={kv}"
 
 
 def run_mqar(
@@ -231,13 +345,17 @@ def run_mqar(
     model_factory: ModelFactory | None = None,
     log: Callable[[str], None] | None = print,
 ) -> list[dict[str, Any]]:
-    """Train and test every (arch, seq_len, width, lr); return one row per (arch, seq_len, width).
+    """Train and test every (arch, width, lr); return one row per (arch, width, seq_len, kv pairs).
 
-    Each row keeps the best test accuracy over the learning rates, plus every lr's accuracy. With
-    ``out_dir``, writes ``mqar.json`` (config + rows, rewritten after each run so an interrupted sweep
-    keeps its results and resumes), ``mqar.md`` (table) and ``mqar.png`` (plot).
+    Each row keeps the best test accuracy over the learning rates, every lr's accuracy, the chance
+    level and the arch's training time. With ``out_dir``, writes ``mqar.json`` (config, runs, rows,
+    per-arch seconds; rewritten after each run so an interrupted sweep keeps its results and resumes:
+    a stored run is reused when its arch, width, lr and :func:`_run_config` are unchanged),
+    ``mqar.md`` (tables) and ``mqar.png`` (plot).
     """
-    factory = model_factory or registry_factory
+    factory = model_factory or functools.partial(
+        registry_factory, num_heads=cfg.num_heads, ttt_backbone=cfg.ttt_backbone
+    )
     out = Path(out_dir) if out_dir is not None else None
     runs: dict[str, dict[str, Any]] = {}
     if out is not None:
@@ -245,86 +363,172 @@ def run_mqar(
         prev = out / "mqar.json"
         if prev.exists():
             data = json.loads(prev.read_text())
-            if data.get("config") == asdict(cfg):
-                runs = {r["key"]: r for r in data.get("runs", [])}
-    device = pick_device(cfg.device)
-    for seq_len in cfg.seq_lens:
-        kv = cfg.num_kv_pairs or default_num_kv_pairs(seq_len)
-        train = generate_mqar(cfg.train_examples, seq_len, kv, cfg.vocab_size, seed=cfg.seed)
-        test = generate_mqar(cfg.test_examples, seq_len, kv, cfg.vocab_size, seed=cfg.seed + 10_000)
-        for arch, width, lr in itertools.product(cfg.archs, cfg.widths, cfg.lrs):
-            key = f"{arch}|{seq_len}|{width}|{lr:g}"
-            if key in runs:
-                continue
-            torch.manual_seed(cfg.seed)
-            model = factory(arch, width, cfg.num_layers, cfg.vocab_size, seq_len).to(device)
-            t0 = time.perf_counter()
-            loss = train_mqar_model(model, train, lr, cfg.epochs, cfg.batch_size, cfg.weight_decay, cfg.seed)
-            acc = mqar_accuracy(model, *test, batch_size=cfg.batch_size)
-            run = {
-                "key": key,
-                "arch": arch,
-                "seq_len": seq_len,
-                "width": width,
-                "lr": lr,
-                "num_kv_pairs": kv,
-                "params": model.num_parameters(),
-                "final_train_loss": loss,
-                "accuracy": acc,
-                "seconds": time.perf_counter() - t0,
+            runs = {
+                r["key"]: r for r in data.get("runs", []) if r.get("config") == _run_config(cfg, r["arch"])
             }
-            runs[key] = run
-            if log:
-                secs = run["seconds"]
-                log(f"mqar {arch:12s} L={seq_len:4d} d={width:4d} lr={lr:g}: acc {acc:.3f} ({secs:.1f}s)")
-            if out is not None:
-                partial = {"config": asdict(cfg), "runs": list(runs.values()), "rows": []}
-                atomic_write_json(out / "mqar.json", partial)
+    grid = mqar_settings(cfg.seq_lens, cfg.num_kv_pairs)
+    chance = chance_accuracy(cfg.vocab_size)
+    device = pick_device(cfg.device)
+    train_all: Data = {}
+    test_all: Data = {}
+    for i, (seq_len, kv) in enumerate(grid):
+        train_all[(seq_len, kv)] = generate_mqar(
+            cfg.train_examples, seq_len, kv, cfg.vocab_size, seed=cfg.seed + i
+        )
+        test_all[(seq_len, kv)] = generate_mqar(
+            cfg.test_examples, seq_len, kv, cfg.vocab_size, seed=cfg.seed + 10_000 + i
+        )
+    jobs = [(a, w, lr) for a in cfg.archs for w in cfg.widths for lr in cfg.lrs_by_arch.get(a, cfg.lrs)]
+    keys = {f"{a}|{w}|{lr:g}" for a, w, lr in jobs}
+    runs = {k: r for k, r in runs.items() if k in keys}
+    for arch, width, lr in jobs:
+        key = f"{arch}|{width}|{lr:g}"
+        if key in runs:
+            continue
+        cap = cfg.max_seq_len.get(arch)
+        mine = [s for s in grid if cap is None or s[0] <= cap]
+        if not mine:
+            continue
+        easiest = mine[0]
+        val = generate_mqar(128, *easiest, cfg.vocab_size, seed=cfg.seed + 20_000)
+        gate_acc: list[float] = []
+        gate = _accuracy_gate(val, cfg.curriculum_pass, gate_acc)
+        t0 = time.perf_counter()
+        for attempt in range(cfg.restarts + 1):
+            torch.manual_seed(cfg.seed + attempt)
+            model = factory(arch, width, cfg.num_layers, cfg.vocab_size, max(s[0] for s in mine)).to(device)
+            loss, passed = train_mqar_model(
+                model, {s: train_all[s] for s in mine}, lr, cfg.steps, cfg.tokens_per_batch,
+                cfg.curriculum_steps, cfg.weight_decay, cfg.seed + attempt,
+                gate=gate if attempt < cfg.restarts else None,
+            )
+            if log and gate_acc and len(gate_acc) == attempt + 1:
+                log(f"mqar {arch:12s} attempt {attempt + 1}: validation answer accuracy after the curriculum "
+                    f"(L={easiest[0]}, {easiest[1]} kv pairs): {gate_acc[-1]:.3f}"
+                    + ("" if passed else f" < {cfg.curriculum_pass}: restart"))
+            if passed:
+                break
+        t1 = time.perf_counter()
+        batch = max(1, cfg.tokens_per_batch // max(s[0] for s in mine))
+        acc = {_setting_key(*s): mqar_accuracy(model, *test_all[s], batch_size=max(batch, 16)) for s in mine}
+        run = {
+            "key": key,
+            "config": _run_config(cfg, arch),
+            "arch": arch,
+            "width": width,
+            "lr": lr,
+            "params": model.num_parameters(),
+            "settings": [list(s) for s in mine],
+            "final_train_loss": loss,
+            "attempts": attempt + 1,
+            "curriculum_val_accuracy": gate_acc,
+            "accuracy": acc,
+            "chance": chance,
+            "train_seconds": t1 - t0,
+            "test_seconds": time.perf_counter() - t1,
+        }
+        runs[key] = run
+        if log:
+            log(
+                f"mqar {arch:12s} d={width} lr={lr:g}: trained in {t1 - t0:.0f}s ({attempt + 1} attempt(s), "
+                f"{cfg.steps} steps in the last) "
+                f"(answer loss, last 10% of steps: {loss:.3f}); tested {len(mine)} settings in "
+                f"{run['test_seconds']:.0f}s"
+            )
+            for (seq_len, kv), a in zip(mine, acc.values()):
+                log(f"  test answer accuracy at seq_len {seq_len:4d}, {kv:3d} kv pairs: {a:.3f} "
+                    f"(chance {chance:.3f})")
+        if out is not None:
+            atomic_write_json(out / "mqar.json", _result(cfg, runs, []))
     rows = summarize_mqar(list(runs.values()))
     if out is not None:
-        result = {"config": asdict(cfg), "runs": list(runs.values()), "rows": rows}
-        atomic_write_json(out / "mqar.json", result)
+        atomic_write_json(out / "mqar.json", _result(cfg, runs, rows))
         atomic_write_text(out / "mqar.md", mqar_table(rows) + "\n")
         plot_mqar(rows, out / "mqar.png")
     return rows
 
 
+def _run_config(cfg: MQARConfig, arch: str) -> dict[str, Any]:
+    """The settings one arch's runs depend on (a stored run is reused only when they are unchanged)."""
+    fields = asdict(cfg)
+    for name in ("archs", "lrs", "lrs_by_arch", "max_seq_len", "device"):
+        fields.pop(name)
+    fields["max_seq_len"] = cfg.max_seq_len.get(arch)
+    return fields
+
+
+def _result(cfg: MQARConfig, runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    seconds: dict[str, float] = {}
+    for r in runs.values():
+        seconds[r["arch"]] = seconds.get(r["arch"], 0.0) + r["train_seconds"] + r["test_seconds"]
+    return {
+        "config": asdict(cfg),
+        "chance": chance_accuracy(cfg.vocab_size),
+        "seconds_by_arch": seconds,
+        "total_seconds": sum(seconds.values()),
+        "runs": list(runs.values()),
+        "rows": rows,
+    }
+
+
 def summarize_mqar(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Group runs by (arch, seq_len, width); keep the best accuracy and the per-lr accuracies."""
-    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    """One row per (arch, width, seq_len, kv pairs): best accuracy over lrs, per-lr accuracies, chance,
+    and the arch's total train + test seconds at that width (all its lrs)."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((r["arch"], int(r["seq_len"]), int(r["width"])), []).append(r)
+        groups.setdefault((r["arch"], int(r["width"])), []).append(r)
     rows = []
-    for (arch, seq_len, width), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
-        best = max(rs, key=lambda r: r["accuracy"])
-        rows.append(
-            {
-                "arch": arch,
-                "seq_len": seq_len,
-                "width": width,
-                "num_kv_pairs": best["num_kv_pairs"],
-                "params": best["params"],
-                "accuracy": best["accuracy"],
-                "best_lr": best["lr"],
-                "accuracy_by_lr": {f"{r['lr']:g}": r["accuracy"] for r in rs},
-            }
-        )
+    for (arch, width), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        seconds = sum(r["train_seconds"] + r["test_seconds"] for r in rs)
+        settings = sorted({tuple(s) for r in rs for s in r["settings"]})
+        for seq_len, kv in settings:
+            k = _setting_key(seq_len, kv)
+            have = [r for r in rs if k in r["accuracy"]]
+            best = max(have, key=lambda r: r["accuracy"][k])
+            rows.append(
+                {
+                    "arch": arch,
+                    "width": width,
+                    "seq_len": seq_len,
+                    "num_kv_pairs": kv,
+                    "params": best["params"],
+                    "accuracy": best["accuracy"][k],
+                    "chance": best["chance"],
+                    "best_lr": best["lr"],
+                    "accuracy_by_lr": {f"{r['lr']:g}": r["accuracy"][k] for r in have},
+                    "seconds": seconds,
+                }
+            )
     return rows
 
 
 def mqar_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table: one row per (width, arch), one column per sequence length (best accuracy)."""
-    seq_lens = sorted({r["seq_len"] for r in rows})
-    head = "| width | architecture | params | " + " | ".join(f"L={s}" for s in seq_lens) + " |"
-    sep = "|---|---|---:|" + "---:|" * len(seq_lens)
+    """Markdown table of test answer accuracy: one row per (width, arch, seq_len), one column per number
+    of key-value pairs, then the arch's train + test time; a last row gives the chance level."""
+    kvs = sorted({int(r["num_kv_pairs"]) for r in rows})
+    head = "| width | architecture | params | seq len | " + " | ".join(f"{k} kv pairs" for k in kvs)
+    head += " | train + test time (all lengths) |"
+    sep = "|---:|---|---:|---:|" + "---:|" * len(kvs) + "---:|"
     lines = [head, sep]
-    for width in sorted({r["width"] for r in rows}):
-        for arch in sorted({r["arch"] for r in rows if r["width"] == width}):
-            cells = []
-            params = ""
-            for s in seq_lens:
-                m = [r for r in rows if r["arch"] == arch and r["width"] == width and r["seq_len"] == s]
-                cells.append(f"{m[0]['accuracy']:.3f}" if m else "-")
-                params = params or (f"{m[0]['params'] / 1e6:.2f}M" if m else "")
-            lines.append(f"| {width} | {arch} | {params} | " + " | ".join(cells) + " |")
+    for width in sorted({int(r["width"]) for r in rows}):
+        archs = sorted({r["arch"] for r in rows if int(r["width"]) == width}, key=_arch_order)
+        for arch in archs:
+            mine = [r for r in rows if r["arch"] == arch and int(r["width"]) == width]
+            for seq_len in sorted({int(r["seq_len"]) for r in mine}):
+                cells = []
+                for k in kvs:
+                    m = [r for r in mine if int(r["seq_len"]) == seq_len and int(r["num_kv_pairs"]) == k]
+                    cells.append(f"{m[0]['accuracy']:.3f}" if m else "-")
+                params = f"{mine[0]['params'] / 1e6:.3f}M"
+                secs = f"{mine[0]['seconds']:.{0 if mine[0]['seconds'] >= 10 else 1}f} s"
+                lines.append(
+                    f"| {width} | {arch} | {params} | {seq_len} | " + " | ".join(cells) + f" | {secs} |"
+                )
+    chances = sorted({float(r["chance"]) for r in rows})
+    chance = ", ".join(f"{c:.3f}" for c in chances)
+    lines.append("| | chance (1 / possible values) | | | " + " | ".join(chance for _ in kvs) + " | |")
     return "\n".join(lines)
+
+
+def _arch_order(arch: str) -> tuple[int, str]:
+    return (list(ARCHS).index(arch) if arch in ARCHS else len(ARCHS), arch)

@@ -91,24 +91,69 @@ def plot_loss_curves(
 
 
 def plot_mqar(
-    rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "MQAR accuracy by sequence length"
+    rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "MQAR test answer accuracy"
 ) -> Path:
-    """MQAR accuracy (best over learning rates) against sequence length; one panel per model width."""
-    widths = sorted({int(r["width"]) for r in rows})
-    fig, axes = plt.subplots(1, max(len(widths), 1), figsize=(4.5 * max(len(widths), 1), 4), squeeze=False)
-    for ax, width in zip(axes[0], widths):
-        archs = sorted({r["arch"] for r in rows if int(r["width"]) == width})
-        for arch in archs:
-            mine = [r for r in rows if r["arch"] == arch and int(r["width"]) == width]
-            pts = sorted((int(r["seq_len"]), float(r["accuracy"])) for r in mine)
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", label=arch)
+    """MQAR accuracy (best over learning rates): one panel per sequence length against the number of
+    key-value pairs, then one panel against sequence length at a fixed number of pairs (the largest one
+    tested at every length); one line per architecture (and width), chance level dashed."""
+    seq_lens = sorted({int(r["seq_len"]) for r in rows})
+    kvs_at = {s: {int(r["num_kv_pairs"]) for r in rows if int(r["seq_len"]) == s} for s in seq_lens}
+    common = set.intersection(*kvs_at.values()) if kvs_at else set()
+    fixed_kv = max(common) if common else None
+    order = ["ttt-linear", "ttt-mlp", "transformer", "mamba", "mamba2"]
+    lines = sorted(
+        {(str(r["arch"]), int(r["width"])) for r in rows},
+        key=lambda aw: (order.index(aw[0]) if aw[0] in order else len(order), aw),
+    )
+    widths = {w for _, w in lines}
+    chance = max((float(r["chance"]) for r in rows if "chance" in r), default=None)
+    panels = len(seq_lens) + (fixed_kv is not None)
+    fig, axes = plt.subplots(1, max(panels, 1), figsize=(3.6 * max(panels, 1), 3.8), squeeze=False)
+
+    def label(arch: str, width: int) -> str:
+        return arch if len(widths) == 1 else f"{arch} d={width}"
+
+    def finish(ax: Any, xlabel: str, sub: str, ticks: Sequence[int]) -> None:
+        if chance is not None:
+            ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label=f"chance {chance:.3f}")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(list(ticks), [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("sequence length")
-        ax.set_ylabel("accuracy")
-        ax.set_title(f"width {width}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test answer accuracy")
+        ax.set_title(sub, fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+
+    for ax, seq_len in zip(axes[0], seq_lens):
+        for arch, width in lines:
+            pts = sorted(
+                (int(r["num_kv_pairs"]), float(r["accuracy"]))
+                for r in rows
+                if r["arch"] == arch and int(r["width"]) == width and int(r["seq_len"]) == seq_len
+            )
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", markersize=4, label=label(arch, width))
+        finish(ax, "key-value pairs", f"sequence length {seq_len}", sorted(kvs_at[seq_len]))
+    if fixed_kv is not None:
+        ax = axes[0][len(seq_lens)]
+        for arch, width in lines:
+            pts = sorted(
+                (int(r["seq_len"]), float(r["accuracy"]))
+                for r in rows
+                if r["arch"] == arch and int(r["width"]) == width and int(r["num_kv_pairs"]) == fixed_kv
+            )
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", markersize=4, label=label(arch, width))
+        finish(ax, "sequence length", f"{fixed_kv} key-value pairs", seq_lens)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
     fig.suptitle(title)
-    return _save(fig, path)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
