@@ -91,88 +91,67 @@ class StudyConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+_DEMO: dict[str, Any] = dict(
+    archs=["ttt-linear", "ttt-mlp", "transformer"],
+    size="mini",
+    seq_len=1024,
+    train_tokens=1_024_000,  # 500 steps of 2 x 1024 bytes
+    batch_size=2,
+    lr=3e-3,
+    warmup_tokens=40_960,  # 20 steps
+    num_evals=8,
+    curve_eval_windows=8,
+    eval_windows=128,  # loss by position: 128 windows of 1024 bytes inside the held-out plays
+    buckets=20,
+    decode_prompt=128,
+    decode_tokens=32,
+    sample_tokens=200,
+)
+
+_GPU: dict[str, Any] = dict(
+    archs=list(ARCHS),
+    size="125m",
+    seq_len=2048,
+    train_tokens=12_288_000,  # 1,500 steps of 4 x 2048
+    batch_size=4,
+    lr=3e-3,
+    warmup_tokens=1_228_800,  # 150 steps
+    num_evals=10,
+    curve_eval_windows=32,
+    eval_windows=128,
+    buckets=24,
+    decode_prompt=512,
+    decode_tokens=64,
+    sample_tokens=300,
+    train_overrides={"train": {"bf16": True}, "model": {"gradient_checkpointing": True}},
+    device="cuda",
+)
+
 STUDY_PRESETS: dict[str, dict[str, Any]] = {
     # `make demo`: a fresh 2-core CPU, ~15 minutes in total (set-up included), byte-level Shakespeare,
     # TTT-Linear, TTT-MLP and a Transformer. Many small steps learn far more per second than few large
     # ones: 500 AdamW steps of 2 x 1024 bytes take TTT-Linear below 2.0 nats/byte, where 96 steps of
     # 4 x 2048 stopped at 2.42.
-    "demo": dict(
-        archs=["ttt-linear", "ttt-mlp", "transformer"],
-        size="mini",
-        seq_len=1024,
-        train_tokens=1_024_000,  # 500 steps of 2 x 1024 bytes
-        batch_size=2,
-        lr=3e-3,
-        warmup_tokens=40_960,  # 20 steps
-        num_evals=8,
-        curve_eval_windows=8,
-        eval_windows=128,  # loss by position: 128 windows of 1024 bytes inside the held-out plays
-        buckets=20,
-        decode_prompt=128,
-        decode_tokens=32,
-        sample_tokens=200,
-    ),
+    "demo": _DEMO,
     # all five architectures with the demo's recipe (same runs: an `--out` holding the demo's reuses
     # them). The Mamba baselines' pure-PyTorch scans train at ~300 (Mamba) and ~700 (Mamba-2) tokens/s
     # on one core of this CPU, against ~8,000 for TTT-Linear: ~1.5 h in all on 2 busy cores.
-    "full": dict(
-        archs=list(ARCHS),
-        size="mini",
-        seq_len=1024,
-        train_tokens=1_024_000,
-        batch_size=2,
-        lr=3e-3,
-        warmup_tokens=40_960,
-        num_evals=8,
-        curve_eval_windows=8,
-        eval_windows=128,
-        buckets=20,
-        decode_prompt=128,
-        decode_tokens=32,
-        sample_tokens=200,
-    ),
+    "full": {**_DEMO, "archs": list(ARCHS)},
     # the paper's 125m scale on one GPU: all five architectures at context 2048 (`gpu-8k`: 8192), bf16
     # autocast, gradient checkpointing (HF Mamba's PyTorch scan holds [batch, length, 1536, 16] fp32
     # tensors per layer). On the built-in Shakespeare (4.7M training bytes) 12.3M tokens are ~2.6
     # epochs, so the models start to overfit; for the paper's budget give it a prepared corpus:
     # `-s data=data/pile -s tokenizer=data/pile -s train_tokens=2_500_000_000`.
     # Expected time on one H100 / H200: ~45-60 min each (an estimate, see docs/results.md).
-    "gpu": dict(
-        archs=list(ARCHS),
-        size="125m",
-        seq_len=2048,
-        train_tokens=12_288_000,  # 1,500 steps of 4 x 2048
-        batch_size=4,
-        lr=3e-3,
-        warmup_tokens=1_228_800,  # 150 steps
-        num_evals=10,
-        curve_eval_windows=32,
-        eval_windows=128,
-        buckets=24,
-        decode_prompt=512,
-        decode_tokens=64,
-        sample_tokens=300,
-        train_overrides={"train": {"bf16": True}, "model": {"gradient_checkpointing": True}},
-        device="cuda",
-    ),
-    "gpu-8k": dict(
-        archs=list(ARCHS),
-        size="125m",
-        seq_len=8192,
-        train_tokens=12_288_000,  # 1,500 steps of 1 x 8192
-        batch_size=1,
-        lr=3e-3,
-        warmup_tokens=1_228_800,
-        num_evals=10,
-        curve_eval_windows=16,
-        eval_windows=32,  # the held-out plays hold 37 windows of 8192 bytes
-        buckets=28,
-        decode_prompt=512,
-        decode_tokens=64,
-        sample_tokens=300,
-        train_overrides={"train": {"bf16": True}, "model": {"gradient_checkpointing": True}},
-        device="cuda",
-    ),
+    "gpu": _GPU,
+    "gpu-8k": {
+        **_GPU,
+        "seq_len": 8192,
+        "batch_size": 1,  # 1,500 steps of 1 x 8192
+        "curve_eval_windows": 16,
+        "eval_windows": 32,  # the held-out plays hold 37 windows of 8192 bytes
+        "buckets": 28,
+    },
     # the test suite: seconds
     "smoke": dict(
         archs=list(ARCHS),
