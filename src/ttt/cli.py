@@ -434,6 +434,9 @@ def mqar_cmd(
     curriculum_steps: int | None = typer.Option(None, help="First steps on the easiest setting only."),
     train_examples: int | None = typer.Option(None, help="Training sequences per setting."),
     out: Path = typer.Option(Path("runs/mqar"), help="Output directory (mqar.json, mqar.md, mqar.png)."),
+    jobs: int | None = typer.Option(
+        None, help="Runs trained at once in worker processes, sharing the CPU threads (preset's default)."
+    ),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Multi-query associative recall: test answer accuracy per architecture, sequence length and number
@@ -457,9 +460,13 @@ def mqar_cmd(
             fields["lrs"] = [float(x) for x in lrs.split(",")]
     except ValueError as e:
         raise _fail(f"bad list option: {e}") from None
-    counts = {"steps": steps, "curriculum_steps": curriculum_steps, "train_examples": train_examples}
+    counts = {"steps": steps, "curriculum_steps": curriculum_steps, "train_examples": train_examples,
+              "jobs": jobs}
     for k, v in counts.items():
         if v is not None:
+            least = 0 if k == "curriculum_steps" else 1
+            if v < least:
+                raise _fail(f"--{k.replace('_', '-')} must be at least {least}, got {v}")
             fields[k] = v
     fields["device"] = device
     unknown = [a for a in fields.get("archs", ARCHS) if a not in ARCHS]

@@ -190,3 +190,41 @@ def test_lrs_by_arch_and_resume_keep_unchanged_runs(tmp_path) -> None:
     run_mqar(cfg3, tmp_path, model_factory=lambda *a: built.append(a) or llama_factory(*a), log=None)
     assert sorted(b[0] for b in built) == ["a", "b"]
     assert len(json.loads((tmp_path / "mqar.json").read_text())["runs"]) == 2
+
+
+def test_model_overrides_reach_the_model_and_only_that_arch_retrains(tmp_path) -> None:
+    from ttt.evaluation.mqar import _run_config, registry_factory
+
+    over = {"ttt-mlp": {"ttt_base_lr": 0.5, "mini_batch_size": 8}}
+    mlp = registry_factory("ttt-mlp", 32, 2, 64, 64, num_heads=1, model_overrides=over)
+    assert mlp.config.ttt_base_lr == 0.5 and mlp.config.mini_batch_size == 8
+    assert registry_factory("ttt-linear", 32, 2, 64, 64, model_overrides=over).config.ttt_base_lr == 1.0
+    base = MQARConfig(**MQAR_PRESETS["smoke"])
+    changed = MQARConfig(**{**MQAR_PRESETS["smoke"], "model_overrides": over, "jobs": 2})
+    assert _run_config(changed, "ttt-linear") == _run_config(base, "ttt-linear")  # reused on resume
+    assert _run_config(changed, "ttt-mlp")["model_overrides"] == over["ttt-mlp"]
+
+
+def test_jobs_train_in_worker_processes_like_one_process(tmp_path) -> None:
+    """``jobs=2``: two spawned workers with one thread each give the runs of a one-thread serial sweep."""
+    fields = {**MQAR_PRESETS["smoke"], "archs": ["ttt-linear", "transformer"], "device": "cpu"}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = run_mqar(MQARConfig(**fields), tmp_path / "serial", log=None)
+        torch.set_num_threads(2)
+        parallel = run_mqar(MQARConfig(**fields, jobs=2), tmp_path / "jobs", log=None)
+    finally:
+        torch.set_num_threads(threads)
+    runs = {r["key"]: r for r in json.loads((tmp_path / "jobs" / "mqar.json").read_text())["runs"]}
+    assert sorted(runs) == ["transformer|32|0.003", "ttt-linear|32|0.003"]
+    assert {r["threads"] for r in runs.values()} == {1}
+    serial_runs = {r["key"]: r for r in json.loads((tmp_path / "serial" / "mqar.json").read_text())["runs"]}
+    for key, run in runs.items():
+        assert run["final_train_loss"] == serial_runs[key]["final_train_loss"]
+        assert run["accuracy"] == serial_runs[key]["accuracy"]
+    assert [(r["arch"], r["accuracy"]) for r in parallel] == [(r["arch"], r["accuracy"]) for r in serial]
+    with pytest.raises(ValueError, match="picklable"):
+        run_mqar(MQARConfig(**fields, jobs=2), None, model_factory=lambda *a: llama_factory(*a), log=None)
+    with pytest.raises(ValueError, match="jobs"):
+        run_mqar(MQARConfig(**fields, jobs=0), None, log=None)

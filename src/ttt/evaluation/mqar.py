@@ -23,8 +23,11 @@ from __future__ import annotations
 import functools
 import json
 import math
+import multiprocessing
+import pickle
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +137,9 @@ class MQARConfig:
     it is rebuilt from the next seed and trained again, up to ``restarts`` times (the same rule for
     every architecture; the attempts and their time are recorded). ``max_seq_len`` caps the lengths
     of some architectures (e.g. ``{"mamba": 128}``: its CPU scan is slow); their longer settings are skipped.
+    ``model_overrides`` sets model config fields per architecture (e.g.
+    ``{"ttt-mlp": {"ttt_base_lr": 1.0}}``). ``jobs`` trains that many runs at once in worker processes,
+    splitting the CPU threads among them (each run is seeded on its own, whatever the order).
     """
 
     archs: list[str] = field(default_factory=lambda: list(ARCHS))
@@ -155,8 +161,10 @@ class MQARConfig:
     restarts: int = 0
     curriculum_pass: float = 0.5
     max_seq_len: dict[str, int] = field(default_factory=dict)
+    model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"
+    jobs: int = 1
 
 
 MQAR_PRESETS: dict[str, dict[str, Any]] = {
@@ -209,6 +217,7 @@ def registry_factory(
     seq_len: int,
     num_heads: int | None = None,
     ttt_backbone: str = "transformer",
+    model_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> torch.nn.Module:
     """Build ``arch`` with :func:`ttt.models.registry.build_model` at the given width and depth.
 
@@ -217,7 +226,8 @@ def registry_factory(
     ``num_heads`` sets the attention / TTT heads (``None``: the ``tiny`` preset's 4); ``ttt_backbone``
     is the TTT models' block (``"mamba"``: a causal conv before the TTT layer, the paper's TTT (M)
     variant; see :func:`ttt.models.presets.backbone_flags`); Mamba-2's scan
-    chunk is ``min(seq_len, 32)`` (its pure-PyTorch scan pads every sequence to a whole chunk).
+    chunk is ``min(seq_len, 32)`` (its pure-PyTorch scan pads every sequence to a whole chunk);
+    ``model_overrides[arch]`` (config fields) is applied last.
     """
     fields: dict[str, Any] = {"hidden_size": width, "num_hidden_layers": num_layers}
     if arch in ("ttt-linear", "ttt-mlp", "transformer"):
@@ -230,6 +240,7 @@ def registry_factory(
         fields["chunk_size"] = min(seq_len, 32)
     if arch in ("ttt-linear", "ttt-mlp"):
         fields["backbone"] = ttt_backbone
+    fields.update((model_overrides or {}).get(arch, {}))
     return build_model(arch, "tiny", vocab_size=vocab_size, max_seq_len=seq_len, match=False, **fields)
 
 
@@ -339,6 +350,102 @@ def _setting_key(seq_len: int, kv: int) -> str:
     return f"L={seq_len},kv={kv}"
 
 
+def _mqar_data(cfg: MQARConfig, grid: Sequence[tuple[int, int]]) -> tuple[Data, Data]:
+    """The fixed training and test sequences of every setting (the same for every run and process)."""
+    train: Data = {}
+    test: Data = {}
+    for i, (seq_len, kv) in enumerate(grid):
+        train[(seq_len, kv)] = generate_mqar(
+            cfg.train_examples, seq_len, kv, cfg.vocab_size, seed=cfg.seed + i
+        )
+        test[(seq_len, kv)] = generate_mqar(
+            cfg.test_examples, seq_len, kv, cfg.vocab_size, seed=cfg.seed + 10_000 + i
+        )
+    return train, test
+
+
+def _train_and_test(
+    cfg: MQARConfig,
+    arch: str,
+    width: int,
+    lr: float,
+    factory: ModelFactory,
+    log: Callable[[str], None] | None,
+    data: tuple[Data, Data] | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """One run: train ``arch`` at ``width`` and ``lr`` (with the curriculum gate and restarts), then test
+    it on every setting it covers. Returns the run's record (see :func:`run_mqar`)."""
+    if threads is not None:  # a worker process: its share of the CPU threads
+        torch.set_num_threads(threads)
+    grid = mqar_settings(cfg.seq_lens, cfg.num_kv_pairs)
+    train_all, test_all = data if data is not None else _mqar_data(cfg, grid)
+    device = pick_device(cfg.device)
+    cap = cfg.max_seq_len.get(arch)
+    mine = [s for s in grid if cap is None or s[0] <= cap]
+    easiest = mine[0]
+    val = generate_mqar(128, *easiest, cfg.vocab_size, seed=cfg.seed + 20_000)
+    gate_acc: list[float] = []
+    gate = _accuracy_gate(val, cfg.curriculum_pass, gate_acc)
+    t0 = time.perf_counter()
+    for attempt in range(cfg.restarts + 1):
+        torch.manual_seed(cfg.seed + attempt)
+        model = factory(arch, width, cfg.num_layers, cfg.vocab_size, max(s[0] for s in mine)).to(device)
+        loss, passed = train_mqar_model(
+            model, {s: train_all[s] for s in mine}, lr, cfg.steps, cfg.tokens_per_batch,
+            cfg.curriculum_steps, cfg.weight_decay, cfg.seed + attempt,
+            gate=gate if attempt < cfg.restarts else None,
+        )
+        if log and gate_acc and len(gate_acc) == attempt + 1:
+            log(f"mqar {arch:12s} attempt {attempt + 1}: validation answer accuracy after the curriculum "
+                f"(L={easiest[0]}, {easiest[1]} kv pairs): {gate_acc[-1]:.3f}"
+                + ("" if passed else f" < {cfg.curriculum_pass}: restart"))
+        if passed:
+            break
+    t1 = time.perf_counter()
+    batch = max(1, cfg.tokens_per_batch // max(s[0] for s in mine))
+    acc = {_setting_key(*s): mqar_accuracy(model, *test_all[s], batch_size=max(batch, 16)) for s in mine}
+    run = {
+        "key": f"{arch}|{width}|{lr:g}",
+        "config": _run_config(cfg, arch),
+        "arch": arch,
+        "width": width,
+        "lr": lr,
+        "params": model.num_parameters(),
+        "settings": [list(s) for s in mine],
+        "final_train_loss": loss,
+        "attempts": attempt + 1,
+        "curriculum_val_accuracy": gate_acc,
+        "accuracy": acc,
+        "chance": chance_accuracy(cfg.vocab_size),
+        "threads": torch.get_num_threads(),
+        "train_seconds": t1 - t0,
+        "test_seconds": time.perf_counter() - t1,
+    }
+    if log:
+        lines = [
+            f"mqar {arch:12s} d={width} lr={lr:g}: trained in {t1 - t0:.0f}s ({attempt + 1} attempt(s), "
+            f"{cfg.steps} steps in the last, {run['threads']} thread(s)) "
+            f"(answer loss, last 10% of steps: {loss:.3f}); tested {len(mine)} settings in "
+            f"{run['test_seconds']:.0f}s"
+        ]
+        lines += [
+            f"  test answer accuracy at seq_len {seq_len:4d}, {kv:3d} kv pairs: {a:.3f} "
+            f"(chance {run['chance']:.3f})"
+            for (seq_len, kv), a in zip(mine, acc.values())
+        ]
+        log("\n".join(lines))
+    return run
+
+
+def _picklable(obj: Any) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:  # lambdas, closures, local functions
+        return False
+    return True
+
+
 def run_mqar(
     cfg: MQARConfig,
     out_dir: str | Path | None = None,
@@ -351,10 +458,15 @@ def run_mqar(
     level and the arch's training time. With ``out_dir``, writes ``mqar.json`` (config, runs, rows,
     per-arch seconds; rewritten after each run so an interrupted sweep keeps its results and resumes:
     a stored run is reused when its arch, width, lr and :func:`_run_config` are unchanged),
-    ``mqar.md`` (tables) and ``mqar.png`` (plot).
+    ``mqar.md`` (tables) and ``mqar.png`` (plot). With ``cfg.jobs > 1`` the runs train in that many
+    worker processes (``spawn``; ``model_factory`` and ``log`` must then be picklable, e.g.
+    module-level functions), in the order of ``cfg.archs``, each with ``threads // jobs`` threads.
     """
+    if cfg.jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {cfg.jobs}")
     factory = model_factory or functools.partial(
-        registry_factory, num_heads=cfg.num_heads, ttt_backbone=cfg.ttt_backbone
+        registry_factory, num_heads=cfg.num_heads, ttt_backbone=cfg.ttt_backbone,
+        model_overrides=cfg.model_overrides,
     )
     out = Path(out_dir) if out_dir is not None else None
     runs: dict[str, dict[str, Any]] = {}
@@ -367,79 +479,37 @@ def run_mqar(
                 r["key"]: r for r in data.get("runs", []) if r.get("config") == _run_config(cfg, r["arch"])
             }
     grid = mqar_settings(cfg.seq_lens, cfg.num_kv_pairs)
-    chance = chance_accuracy(cfg.vocab_size)
-    device = pick_device(cfg.device)
-    train_all: Data = {}
-    test_all: Data = {}
-    for i, (seq_len, kv) in enumerate(grid):
-        train_all[(seq_len, kv)] = generate_mqar(
-            cfg.train_examples, seq_len, kv, cfg.vocab_size, seed=cfg.seed + i
-        )
-        test_all[(seq_len, kv)] = generate_mqar(
-            cfg.test_examples, seq_len, kv, cfg.vocab_size, seed=cfg.seed + 10_000 + i
-        )
     jobs = [(a, w, lr) for a in cfg.archs for w in cfg.widths for lr in cfg.lrs_by_arch.get(a, cfg.lrs)]
     keys = {f"{a}|{w}|{lr:g}" for a, w, lr in jobs}
     runs = {k: r for k, r in runs.items() if k in keys}
-    for arch, width, lr in jobs:
-        key = f"{arch}|{width}|{lr:g}"
-        if key in runs:
-            continue
-        cap = cfg.max_seq_len.get(arch)
-        mine = [s for s in grid if cap is None or s[0] <= cap]
-        if not mine:
-            continue
-        easiest = mine[0]
-        val = generate_mqar(128, *easiest, cfg.vocab_size, seed=cfg.seed + 20_000)
-        gate_acc: list[float] = []
-        gate = _accuracy_gate(val, cfg.curriculum_pass, gate_acc)
-        t0 = time.perf_counter()
-        for attempt in range(cfg.restarts + 1):
-            torch.manual_seed(cfg.seed + attempt)
-            model = factory(arch, width, cfg.num_layers, cfg.vocab_size, max(s[0] for s in mine)).to(device)
-            loss, passed = train_mqar_model(
-                model, {s: train_all[s] for s in mine}, lr, cfg.steps, cfg.tokens_per_batch,
-                cfg.curriculum_steps, cfg.weight_decay, cfg.seed + attempt,
-                gate=gate if attempt < cfg.restarts else None,
-            )
-            if log and gate_acc and len(gate_acc) == attempt + 1:
-                log(f"mqar {arch:12s} attempt {attempt + 1}: validation answer accuracy after the curriculum "
-                    f"(L={easiest[0]}, {easiest[1]} kv pairs): {gate_acc[-1]:.3f}"
-                    + ("" if passed else f" < {cfg.curriculum_pass}: restart"))
-            if passed:
-                break
-        t1 = time.perf_counter()
-        batch = max(1, cfg.tokens_per_batch // max(s[0] for s in mine))
-        acc = {_setting_key(*s): mqar_accuracy(model, *test_all[s], batch_size=max(batch, 16)) for s in mine}
-        run = {
-            "key": key,
-            "config": _run_config(cfg, arch),
-            "arch": arch,
-            "width": width,
-            "lr": lr,
-            "params": model.num_parameters(),
-            "settings": [list(s) for s in mine],
-            "final_train_loss": loss,
-            "attempts": attempt + 1,
-            "curriculum_val_accuracy": gate_acc,
-            "accuracy": acc,
-            "chance": chance,
-            "train_seconds": t1 - t0,
-            "test_seconds": time.perf_counter() - t1,
-        }
-        runs[key] = run
-        if log:
-            log(
-                f"mqar {arch:12s} d={width} lr={lr:g}: trained in {t1 - t0:.0f}s ({attempt + 1} attempt(s), "
-                f"{cfg.steps} steps in the last) "
-                f"(answer loss, last 10% of steps: {loss:.3f}); tested {len(mine)} settings in "
-                f"{run['test_seconds']:.0f}s"
-            )
-            for (seq_len, kv), a in zip(mine, acc.values()):
-                log(f"  test answer accuracy at seq_len {seq_len:4d}, {kv:3d} kv pairs: {a:.3f} "
-                    f"(chance {chance:.3f})")
+    todo = [
+        (a, w, lr) for a, w, lr in jobs
+        if f"{a}|{w}|{lr:g}" not in runs and any(cfg.max_seq_len.get(a) is None or s[0] <= cfg.max_seq_len[a]
+                                                 for s in grid)
+    ]
+
+    def done(run: dict[str, Any]) -> None:
+        runs[run["key"]] = run
         if out is not None:
             atomic_write_json(out / "mqar.json", _result(cfg, runs, []))
+
+    if cfg.jobs == 1 or len(todo) <= 1:
+        data = _mqar_data(cfg, grid) if todo else None
+        for arch, width, lr in todo:
+            done(_train_and_test(cfg, arch, width, lr, factory, log, data))
+    else:
+        if not _picklable(factory):
+            raise ValueError("jobs > 1 needs a picklable model_factory (a module-level function or partial)")
+        worker_log = log if _picklable(log) else print if log else None
+        threads = max(1, torch.get_num_threads() // cfg.jobs)
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(cfg.jobs, len(todo)), mp_context=ctx) as pool:
+            futures = [
+                pool.submit(_train_and_test, cfg, arch, width, lr, factory, worker_log, None, threads)
+                for arch, width, lr in todo
+            ]
+            for future in as_completed(futures):
+                done(future.result())
     rows = summarize_mqar(list(runs.values()))
     if out is not None:
         atomic_write_json(out / "mqar.json", _result(cfg, runs, rows))
@@ -451,9 +521,11 @@ def run_mqar(
 def _run_config(cfg: MQARConfig, arch: str) -> dict[str, Any]:
     """The settings one arch's runs depend on (a stored run is reused only when they are unchanged)."""
     fields = asdict(cfg)
-    for name in ("archs", "lrs", "lrs_by_arch", "max_seq_len", "device"):
+    for name in ("archs", "lrs", "lrs_by_arch", "max_seq_len", "model_overrides", "device", "jobs"):
         fields.pop(name)
     fields["max_seq_len"] = cfg.max_seq_len.get(arch)
+    if cfg.model_overrides.get(arch):
+        fields["model_overrides"] = cfg.model_overrides[arch]
     return fields
 
 
