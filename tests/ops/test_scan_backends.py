@@ -468,3 +468,24 @@ def test_all_padding_chunk_leaves_state_untouched(backend) -> None:
     for a, b in zip(new.weights() + new.grads(), state.weights() + state.grads(), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(new.pos, state.pos)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_mlp_backend_with_saturated_gelu(backend, dtype) -> None:
+    """TTT-MLP pre-activations far out on both sides (|Z1| up to ~100): the compiled tanh-GELU once
+    overflowed there (NaN or the wrong branch below -10 in float32, below -21.5 in float64)."""
+    impl = _backend(backend)
+    assert impl is not None
+    inputs64, weights64 = make_inputs(2, 2, 40, 16, 16, True, seed=5)
+    weights64[0] = weights64[0] * 30.0
+    for sign in (1.0, -1.0):  # mostly-negative and mostly-positive W1 rows included either way
+        weights = [weights64[0] * sign, *weights64[1:]]
+        z1 = torch.einsum("bhlf,hfk->bhlk", inputs64[1], weights[0])
+        assert z1.min() < -40 and z1.max() > 40
+        ref_vals, ref_grads, _ = _run(ttt_reference, inputs64, weights, None, None)
+        vals, grads, _ = _run(ttt_dual, [t.to(dtype) for t in inputs64], [w.to(dtype) for w in weights], None,
+                              None, backend=backend)
+        for i, (a, b) in enumerate(zip(vals + grads, ref_vals + ref_grads, strict=True)):
+            assert torch.isfinite(a).all(), f"tensor {i} not finite"
+            assert rel_err(a, b) <= TOL[dtype], f"tensor {i}: {rel_err(a, b):.2e}"

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 namespace ttt_scan {
@@ -31,9 +32,11 @@ template <typename T> inline vec_t<T> vload(const T* p) {
   return v;
 }
 template <typename T> inline void vstore(T* p, vec_t<T> v) { std::memcpy(p, &v, sizeof(v)); }
+// every lane = a (written lane by lane: `vec_t<T>{} + a` would turn -0.0 into +0.0)
 template <typename T> inline vec_t<T> vsplat(T a) {
-  vec_t<T> v = {};
-  return v + a;
+  vec_t<T> v;
+  for (int i = 0; i < VW<T>; ++i) v[i] = a;
+  return v;
 }
 // horizontal sum: fold the 64-byte vector in halves (vector adds), then add the last 16 bytes' lanes
 template <typename T> inline T hsum(vec_t<T> v) {
@@ -236,10 +239,13 @@ template <typename T> inline vec_t<T> vexp_neg(vec_t<T> x) {
   return p * (V)sb;
 }
 
+// tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|) in (0, 1]: no overflow for any u
 template <typename T> inline vec_t<T> vtanh(vec_t<T> u) {
   typedef vec_t<T> V;
   typedef ivec_t<T> IV;
-  const IV sign = (IV)vsplat<T>(T(-0.0));
+  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type I;
+  IV sign;
+  for (int i = 0; i < VW<T>; ++i) sign[i] = std::numeric_limits<I>::min();  // the sign bit only
   V a = (V)((IV)u & ~sign);
   V e = vexp_neg<T>(a * T(-2));
   V t = (T(1) - e) / (T(1) + e);
