@@ -82,6 +82,8 @@ def test_run_mqar_tiny_writes_table_json_plot(tmp_path) -> None:
     assert len(data["runs"]) == 2 and data["rows"] == rows
     assert data["chance"] == pytest.approx(1 / 32) and set(data["seconds_by_arch"]) == {"a", "b"}
     assert data["total_seconds"] == pytest.approx(sum(data["seconds_by_arch"].values()))
+    assert set(data["cpu_seconds_by_arch"]) == {"a", "b"} and all(r["cpu_seconds"] > 0 for r in data["runs"])
+    assert data["total_cpu_seconds"] == pytest.approx(sum(data["cpu_seconds_by_arch"].values()))
     md = (tmp_path / "mqar.md").read_text()
     assert "| 32 | a |" in md and "2 kv pairs" in md and "8 kv pairs" in md
     assert "| 32 | b | " in md and "| 16 |" in md

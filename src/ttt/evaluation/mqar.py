@@ -387,7 +387,7 @@ def _train_and_test(
     val = generate_mqar(128, *easiest, cfg.vocab_size, seed=cfg.seed + 20_000)
     gate_acc: list[float] = []
     gate = _accuracy_gate(val, cfg.curriculum_pass, gate_acc)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for attempt in range(cfg.restarts + 1):
         torch.manual_seed(cfg.seed + attempt)
         model = factory(arch, width, cfg.num_layers, cfg.vocab_size, max(s[0] for s in mine)).to(device)
@@ -421,13 +421,14 @@ def _train_and_test(
         "threads": torch.get_num_threads(),
         "train_seconds": t1 - t0,
         "test_seconds": time.perf_counter() - t1,
+        "cpu_seconds": time.process_time() - c0,  # CPU time of this process (all its threads)
     }
     if log:
         lines = [
             f"mqar {arch:12s} d={width} lr={lr:g}: trained in {t1 - t0:.0f}s ({attempt + 1} attempt(s), "
             f"{cfg.steps} steps in the last, {run['threads']} thread(s)) "
             f"(answer loss, last 10% of steps: {loss:.3f}); tested {len(mine)} settings in "
-            f"{run['test_seconds']:.0f}s"
+            f"{run['test_seconds']:.0f}s; {run['cpu_seconds']:.0f} CPU-seconds in all"
         ]
         lines += [
             f"  test answer accuracy at seq_len {seq_len:4d}, {kv:3d} kv pairs: {a:.3f} "
@@ -531,13 +532,17 @@ def _run_config(cfg: MQARConfig, arch: str) -> dict[str, Any]:
 
 def _result(cfg: MQARConfig, runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
     seconds: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     for r in runs.values():
         seconds[r["arch"]] = seconds.get(r["arch"], 0.0) + r["train_seconds"] + r["test_seconds"]
+        cpu[r["arch"]] = cpu.get(r["arch"], 0.0) + r.get("cpu_seconds", float("nan"))
     return {
         "config": asdict(cfg),
         "chance": chance_accuracy(cfg.vocab_size),
         "seconds_by_arch": seconds,
         "total_seconds": sum(seconds.values()),
+        "cpu_seconds_by_arch": cpu,
+        "total_cpu_seconds": sum(cpu.values()),
         "runs": list(runs.values()),
         "rows": rows,
     }
