@@ -182,14 +182,14 @@ MQAR_PRESETS: dict[str, dict[str, Any]] = {
         train_examples=64,
         test_examples=16,
     ),
-    # learns on a CPU: ~40 CPU-minutes on one thread for the five architectures (docs/results.md, "MQAR")
+    # learns on this 2-core CPU in about half an hour: two worker processes, the slowest runs first
+    # (Mamba's pure-PyTorch scan alone is ~40% of the CPU time); docs/results.md, "MQAR"
     "cpu": dict(
-        archs=["transformer", "ttt-linear", "ttt-mlp", "mamba2", "mamba"],
+        archs=["mamba", "mamba2", "ttt-mlp", "ttt-linear", "transformer"],
         seq_lens=[32, 64, 128, 256],
         num_kv_pairs=[4, 8, 16],
         widths=[64],
         lrs=[3e-3],
-        lrs_by_arch={"ttt-mlp": [1e-3, 3e-3]},  # TTT-MLP's loss turns NaN at 3e-3 (docs/results.md)
         num_heads=1,
         ttt_backbone="mamba",
         vocab_size=64,
@@ -200,6 +200,7 @@ MQAR_PRESETS: dict[str, dict[str, Any]] = {
         test_examples=256,
         restarts=2,
         max_seq_len={"mamba": 128},
+        jobs=2,
     ),
     # the standard sweep (GPU-sized; not run in this repository)
     "default": dict(restarts=2),
