@@ -21,6 +21,9 @@ template <typename T> inline bool any_nonzero(const T* x, long n) {
 
 // Accumulators (the second half of the state) are tracked by a flag acc_nz: when it is false they are
 // zero and their memory may be stale (never read; written as zeros where a state leaves the scan).
+// Checkpoints: ckpt holds NS tensors, or only the NS / 2 weights when the caller knows the accumulators
+// are zero at every checkpoint (zero initial accumulators and every mini-batch before the last
+// checkpoint complete): then they are neither stored in the forward nor read back in the backward.
 // Model<T> provides: NS (number of state tensors; the second half are the accumulators),
 // sizes(d, out[NS]), tape_size(d), scratch_size(d),
 // tape(d, st, acc_nz, mb, tape, scratch, zbar_or_null, full),
@@ -32,6 +35,7 @@ void scan_forward_impl(const Dims& d, const Io& io, const int64_t* n_complete, s
   long sz[NS];
   Model::sizes(d, sz);
   const long n_groups = ckpt.empty() ? 0 : (d.N + group - 1) / group;
+  const int n_ckpt = static_cast<int>(ckpt.size());  // NS, NS / 2 (weights only) or 0
   // A thread steps its rows through the mini-batches together (mini-batch outer, row inner): with the
   // layer's [B, L, NH, F] layout (HeadsIo), neighbouring heads read neighbouring memory, so the strided
   // token rows stream instead of each costing a cache miss.
@@ -56,14 +60,16 @@ void scan_forward_impl(const Dims& d, const Io& io, const int64_t* n_complete, s
         T* st[NS];
         state_of(r, st);
         bool acc_nz = acc[r - r0];
-        if (!ckpt.empty() && m % group == 0)
-          for (int i = 0; i < NS; ++i) {
+        if (n_ckpt && m % group == 0) {
+          TORCH_CHECK(n_ckpt == NS || !acc_nz, "ttt_scan: non-zero accumulators at a weights-only checkpoint");
+          for (int i = 0; i < n_ckpt; ++i) {
             T* c = ckpt[i] + (r * n_groups + m / group) * sz[i];
             if (i < NS / 2 || acc_nz)
               std::copy(st[i], st[i] + sz[i], c);
             else
               std::fill(c, c + sz[i], T(0));
           }
+        }
         Mb<T> mb = io.load(d, r, m, buf.data());
         mb.first = m == 0;
         mb.complete = m < n_complete[r];
@@ -93,6 +99,7 @@ void scan_backward_impl(const Dims& d, const Io& io, const int64_t* n_complete, 
   for (int i = 0; i < NS; ++i) state_size += sz[i];
   const long n_groups = (d.N + group - 1) / group;
   const long tsz = Model::tape_size(d);
+  const int n_ckpt = static_cast<int>(ckpt.size());  // NS, or NS / 2: the accumulators are zero there
   at::parallel_for(0, d.R, 1, [&](int64_t r0, int64_t r1) {
     const long g = std::min(group, d.N);
     std::vector<T> slots(g * state_size), tapes(g * tsz), scratch(Model::scratch_size(d)),
@@ -130,7 +137,7 @@ void scan_backward_impl(const Dims& d, const Io& io, const int64_t* n_complete, 
         T* st[NS];
         slot(0, st);
         bool nz = false;
-        for (int i = 0; i < NS; ++i) {
+        for (int i = 0; i < n_ckpt; ++i) {
           const T* c = ckpt[i] + (r * n_groups + gi) * sz[i];
           std::copy(c, c + sz[i], st[i]);
           if (i >= NS / 2) nz = nz || any_nonzero(c, sz[i]);
