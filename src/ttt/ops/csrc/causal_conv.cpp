@@ -19,8 +19,8 @@ namespace {
 constexpr int64_t kBlock = 64;  // channels per task: contiguous, vectorisable inner loop
 
 template <typename scalar_t>
-void forward_kernel(const scalar_t* x, const scalar_t* state, const scalar_t* w, const scalar_t* bias,
-                    scalar_t* y, int64_t B, int64_t L, int64_t D, int64_t K) {
+void forward_kernel(const scalar_t* x, int64_t sxb, int64_t sxl, const scalar_t* state, const scalar_t* w,
+                    const scalar_t* bias, scalar_t* y, int64_t B, int64_t L, int64_t D, int64_t K) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nblk = (D + kBlock - 1) / kBlock;
   at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
@@ -32,14 +32,14 @@ void forward_kernel(const scalar_t* x, const scalar_t* state, const scalar_t* w,
       if (small_k)
         for (int64_t j = 0; j < K; ++j)
           for (int64_t c = 0; c < nd; ++c) wl[j * kBlock + c] = static_cast<acc_t>(w[(d0 + c) * K + j]);
-      const scalar_t* xb = x + b * L * D + d0;
+      const scalar_t* xb = x + b * sxb + d0;
       scalar_t* yb = y + b * L * D + d0;
       for (int64_t t = 0; t < L; ++t) {
         for (int64_t c = 0; c < nd; ++c) acc[c] = bias ? static_cast<acc_t>(bias[d0 + c]) : acc_t(0);
         for (int64_t j = 0; j < K; ++j) {
           const int64_t i = t + j - (K - 1);  // index into x; < 0 reads the state
           if (i >= 0) {
-            const scalar_t* xr = xb + i * D;
+            const scalar_t* xr = xb + i * sxl;
             if (small_k) {
               const acc_t* wj = wl + j * kBlock;
               for (int64_t c = 0; c < nd; ++c) acc[c] += wj[c] * static_cast<acc_t>(xr[c]);
@@ -126,8 +126,9 @@ void backward_kernel(const scalar_t* x, const scalar_t* state, const scalar_t* w
   });
 }
 
-void check(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "causal_conv: x must be a contiguous [B, L, D] tensor");
+void check(const at::Tensor& x, const at::Tensor& w, bool strided = false) {
+  TORCH_CHECK(x.dim() == 3 && (strided ? x.stride(2) == 1 : x.is_contiguous()), "causal_conv: x must be a ",
+              strided ? "[B, L, D] tensor with unit channel stride" : "contiguous [B, L, D] tensor");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(0) == x.size(2),
               "causal_conv: weight must be a contiguous [D, K] tensor");
   TORCH_CHECK(x.device().is_cpu(), "causal_conv: CPU tensors only");
@@ -137,11 +138,11 @@ void check(const at::Tensor& x, const at::Tensor& w) {
 
 at::Tensor causal_conv_forward(const at::Tensor& x, const std::optional<at::Tensor>& state,
                                const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  check(x, w);
+  check(x, w, true);  // x may be a column block of a wider [B, L, *] tensor (the layer's fused projections)
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2), K = w.size(1);
-  auto y = at::empty_like(x);
+  auto y = at::empty({B, L, D}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "causal_conv_forward", [&] {
-    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), state ? state->data_ptr<scalar_t>() : nullptr,
+    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), state ? state->data_ptr<scalar_t>() : nullptr,
                              w.data_ptr<scalar_t>(), bias ? bias->data_ptr<scalar_t>() : nullptr,
                              y.data_ptr<scalar_t>(), B, L, D, K);
   });
