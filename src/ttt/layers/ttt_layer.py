@@ -284,7 +284,9 @@ class TTTLayer(nn.Module):
         out = out.to(x.dtype).reshape(bsz, length, self.hidden_size)
         out = self.post_norm(out)
         if self.use_gate:
-            out = gelu_tanh(proj["g"] if "g" in proj else self.g_proj(x)) * out
+            gate = gelu_tanh(proj["g"] if "g" in proj else self.g_proj(x))
+            inplace = not torch.is_grad_enabled() and gate.dtype == out.dtype  # inference: one buffer less
+            out = gate.mul_(out) if inplace else gate * out
         out = self.o_proj(out)
         if lengths is not None:
             valid = torch.arange(length, device=x.device).view(1, length) < lengths.to(x.device).view(bsz, 1)
