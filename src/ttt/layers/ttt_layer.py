@@ -281,10 +281,12 @@ class TTTLayer(nn.Module):
                 # decoding: the primal one-token step beats the dual form's set-up
                 out, inner = (ttt_reference if self.impl == "reference" else ttt_step)(*args)
                 out = out.transpose(1, 2)
+        gate = gelu_tanh(proj["g"] if "g" in proj else self.g_proj(x)) if self.use_gate else None
+        # drop the references to the projections: at inference their memory serves what follows
+        proj = xq = xk = xv = args = None
         out = out.to(x.dtype).reshape(bsz, length, self.hidden_size)
         out = self.post_norm(out)
-        if self.use_gate:
-            gate = gelu_tanh(proj["g"] if "g" in proj else self.g_proj(x))
+        if gate is not None:
             inplace = not torch.is_grad_enabled() and gate.dtype == out.dtype  # inference: one buffer less
             out = gate.mul_(out) if inplace else gate * out
         out = self.o_proj(out)
