@@ -150,6 +150,27 @@ def test_inference_fused_projections(kind, share_qk, use_gate) -> None:
         assert_rel_close(doubled, fast(x)[0], 1e-10, "hooked projection")
 
 
+def test_inference_projections_not_fused_on_shared_storage() -> None:
+    """Weights that are views into a shared buffer (FSDP's gathered parameters) can change without
+    their version counter moving: those layers keep the separate projections (no cache)."""
+    layer = TTTLinear(32, 4, mini_batch_size=4).double()
+    flat = torch.cat([p.detach().flatten() for p in layer.parameters()])
+    offset = 0
+    for mod, name, p in [(m, n, p) for m in layer.modules() for n, p in m.named_parameters(recurse=False)]:
+        setattr(mod, name, torch.nn.Parameter(flat[offset:offset + p.numel()].view_as(p)))
+        offset += p.numel()
+    x = torch.randn(1, 8, 32, dtype=torch.float64)
+    with torch.no_grad():
+        out, _ = layer(x)
+        assert "_fused_weight_cache" not in layer.__dict__
+        TTTLayer.fuse_projections = False
+        try:
+            ref, _ = layer(x)
+        finally:
+            TTTLayer.fuse_projections = True
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 def test_official_parameter_names() -> None:
     names = dict(TTTLayer(32, 4, "mlp", share_qk=True, use_gate=True).named_parameters())
     for n in ["q_proj.weight", "v_proj.weight", "o_proj.weight", "g_proj.weight", "conv_q.weight",

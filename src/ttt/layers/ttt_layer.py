@@ -302,13 +302,22 @@ class TTTLayer(nn.Module):
 
     def _plain_projections(self) -> bool:
         """The input projections are plain bias-free ``nn.Linear`` modules without hooks (not wrapped,
-        e.g. by an adapter or a parametrization), so their concatenated weights compute them exactly."""
+        e.g. by an adapter or a parametrization), so their concatenated weights compute them exactly;
+        and every weight owns its storage, so a change of its values shows in its version counter (not
+        so for views into a shared buffer, e.g. FSDP's gathered parameters: those are not fused)."""
         mods = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "g": "g_proj"}
         for name in self._fused_input_names()[:-1]:
             m = getattr(self, mods[name])
             if type(m) is not nn.Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks:
                 return False
-        return True
+        return all(type(w) is nn.Parameter and w.storage_offset() == 0
+                   and w.untyped_storage().nbytes() == w.numel() * w.element_size()
+                   for w in self._fused_input_weights())
+
+    def _fused_input_weights(self) -> list[Tensor]:
+        mods = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "g": "g_proj"}
+        return [getattr(self, mods[n]).weight if n in mods else self.learnable_ttt_lr_weight
+                for n in self._fused_input_names()]
 
     def _fused_input_names(self) -> tuple[str, ...]:
         return ("q", *(() if self.share_qk else ("k",)), "v", *(("g",) if self.use_gate else ()), "lr")
@@ -317,14 +326,12 @@ class TTTLayer(nn.Module):
         return [self.hidden_size] * (len(self._fused_input_names()) - 1) + [self.num_heads]
 
     def _fused_input_weight(self) -> Tensor:
-        mods = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "g": "g_proj"}
-        ws = [getattr(self, mods[n]).weight if n in mods else self.learnable_ttt_lr_weight.squeeze(1)
-              for n in self._fused_input_names()]
-        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in ws)
+        ws = self._fused_input_weights()
+        key = tuple((id(w), w.data_ptr(), w._version, w.dtype, w.device) for w in ws)
         cache = self.__dict__.get("_fused_weight_cache")
         if cache is None or cache[0] != key:
             with torch.inference_mode(False):
-                cache = (key, torch.cat([w.detach() for w in ws]))
+                cache = (key, torch.cat([w.detach().reshape(-1, self.hidden_size) for w in ws]))
             self.__dict__["_fused_weight_cache"] = cache
         return cache[1]
 
