@@ -297,7 +297,8 @@ class TTTLayer(nn.Module):
 
     # Inference (no autograd) computes the projections of the input in one GEMM over the concatenated
     # weights, kept in a cache that is rebuilt when any of them changes (in place or replaced); the
-    # parameters themselves stay separate (names, state dicts and training are unchanged).
+    # parameters themselves stay separate (names, state dicts and training are unchanged). The cache is
+    # a second copy of those weights (3-4 D x D per layer); TTTLayer.fuse_projections = False saves it.
     fuse_projections = True
 
     def _plain_projections(self) -> bool:
