@@ -127,6 +127,50 @@ def test_sizes_run(head_dim, mb) -> None:
     assert int(st.inner.pos[0]) == 70 % mb
 
 
+@pytest.mark.parametrize("kind,share_qk,use_gate", OPTIONS)
+def test_inference_fused_projections(kind, share_qk, use_gate) -> None:
+    """Without autograd the input projections run as one GEMM over cached concatenated weights: same
+    outputs and state as the reference, the cache follows in-place weight updates, and a hook on a
+    projection (an adapter, say) turns the fusion off."""
+    fast, ref = make_pair(kind, share_qk, use_gate)
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    with torch.no_grad():
+        for step in range(2):
+            (out, state), (out_r, state_r) = fast(x), ref(x)
+            assert_rel_close(out, out_r, 1e-10, f"output, step {step}")
+            assert_rel_close(state.inner.W1, state_r.inner.W1, 1e-10, f"state, step {step}")
+            assert "_fused_weight_cache" in fast.__dict__
+            for layer in (fast, ref):  # an in-place update (an optimizer step) must reach the cache
+                layer.v_proj.weight.mul_(1.5)
+                layer.learnable_ttt_lr_weight.add_(0.1)
+        handle = fast.v_proj.register_forward_hook(lambda mod, inp, out: out * 2)
+        doubled, _ = fast(x)
+        handle.remove()
+        fast.v_proj.weight.mul_(2)
+        assert_rel_close(doubled, fast(x)[0], 1e-10, "hooked projection")
+
+
+def test_inference_projections_not_fused_on_shared_storage() -> None:
+    """Weights that are views into a shared buffer (FSDP's gathered parameters) can change without
+    their version counter moving: those layers keep the separate projections (no cache)."""
+    layer = TTTLinear(32, 4, mini_batch_size=4).double()
+    flat = torch.cat([p.detach().flatten() for p in layer.parameters()])
+    offset = 0
+    for mod, name, p in [(m, n, p) for m in layer.modules() for n, p in m.named_parameters(recurse=False)]:
+        setattr(mod, name, torch.nn.Parameter(flat[offset:offset + p.numel()].view_as(p)))
+        offset += p.numel()
+    x = torch.randn(1, 8, 32, dtype=torch.float64)
+    with torch.no_grad():
+        out, _ = layer(x)
+        assert "_fused_weight_cache" not in layer.__dict__
+        TTTLayer.fuse_projections = False
+        try:
+            ref, _ = layer(x)
+        finally:
+            TTTLayer.fuse_projections = True
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 def test_official_parameter_names() -> None:
     names = dict(TTTLayer(32, 4, "mlp", share_qk=True, use_gate=True).named_parameters())
     for n in ["q_proj.weight", "v_proj.weight", "o_proj.weight", "g_proj.weight", "conv_q.weight",

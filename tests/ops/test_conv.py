@@ -19,7 +19,7 @@ def test_extension_builds() -> None:
 
 
 @pytest.mark.parametrize("bsz,length,dim,k", [(2, 7, 5, 4), (1, 1, 3, 4), (3, 2, 130, 4), (2, 9, 4, 1),
-                                               (2, 5, 3, 6), (1, 40, 64, 3)])
+                                               (2, 5, 3, 6), (1, 40, 64, 3), (2, 150, 130, 4)])
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_compiled_equals_reference(bsz, length, dim, k, with_state, with_lengths) -> None:
@@ -38,6 +38,26 @@ def test_compiled_equals_reference(bsz, length, dim, k, with_state, with_lengths
     gy, gs = torch.randn_like(y), torch.randn_like(st)
     grads = torch.autograd.grad((y * gy).sum() + (st * gs).sum(), leaves)
     grads_ref = torch.autograd.grad((y_ref * gy).sum() + (st_ref * gs).sum(), leaves)
+    for a, r in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, r, **F64)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_strided_input(with_state) -> None:
+    """x may be a column block of a wider tensor (the layer's fused projections): read in place."""
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(2, 150, 3 * 70, dtype=torch.float64, generator=g, requires_grad=True)
+    x = wide[..., 70:140]
+    w = torch.randn(70, 1, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(70, dtype=torch.float64, generator=g)
+    state = torch.randn(2, 70, 3, dtype=torch.float64, generator=g) if with_state else None
+    y, st = causal_conv1d(x, w, b, state)
+    y_ref, st_ref = causal_conv1d_reference(x.contiguous(), w, b, state)
+    torch.testing.assert_close(y, y_ref, **F64)
+    torch.testing.assert_close(st, st_ref, **F64)
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad((y * gy).sum(), (wide, w))
+    grads_ref = torch.autograd.grad((y_ref * gy).sum(), (wide, w))
     for a, r in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(a, r, **F64)
 

@@ -243,16 +243,24 @@ class TTTLayer(nn.Module):
             state = self.init_state(bsz, device=x.device)
         h, f = self.num_heads, self.head_dim
 
-        xq = self.q_proj(x)
+        if self.fuse_projections and not torch.is_grad_enabled() and self._plain_projections():
+            # inference: the projections of x (q, k, v, gate, learning-rate gate) as one GEMM
+            projs = F.linear(x, self._fused_input_weight()).split(self._fused_input_sizes(), dim=-1)
+            proj = dict(zip(self._fused_input_names(), projs, strict=True))
+        else:
+            proj = {"q": self.q_proj(x), "v": self.v_proj(x),
+                    "lr": F.linear(x, self.learnable_ttt_lr_weight.squeeze(1))}
+            if not self.share_qk:
+                proj["k"] = self.k_proj(x)
+        xq, xv = proj["q"], proj["v"]
         conv_q_state = conv_k_state = None
         if self.share_qk:
             xk, conv_k_state = causal_conv1d(xq, self.conv_k.weight, self.conv_k.bias, state.conv_k, lengths)
             xq, conv_q_state = causal_conv1d(xq, self.conv_q.weight, self.conv_q.bias, state.conv_q, lengths)
         else:
-            xk = self.k_proj(x)
-        xv = self.v_proj(x)
+            xk = proj["k"]
 
-        gate_logits = F.linear(x, self.learnable_ttt_lr_weight.squeeze(1)).transpose(1, 2)  # [B, H, L]
+        gate_logits = proj["lr"].transpose(1, 2)  # [B, H, L]
         gate_logits = gate_logits + self.learnable_ttt_lr_bias.view(1, h, 1)
         lr = self.ttt_base_lr * torch.sigmoid(gate_logits.to(_inner_dtype(x.dtype))) / f
         coef = token_coefficients(self.learnable_token_idx)
@@ -273,15 +281,60 @@ class TTTLayer(nn.Module):
                 # decoding: the primal one-token step beats the dual form's set-up
                 out, inner = (ttt_reference if self.impl == "reference" else ttt_step)(*args)
                 out = out.transpose(1, 2)
+        gate = gelu_tanh(proj["g"] if "g" in proj else self.g_proj(x)) if self.use_gate else None
+        # drop the references to the projections: at inference their memory serves what follows
+        proj = xq = xk = xv = args = None
         out = out.to(x.dtype).reshape(bsz, length, self.hidden_size)
         out = self.post_norm(out)
-        if self.use_gate:
-            out = gelu_tanh(self.g_proj(x)) * out
+        if gate is not None:
+            inplace = not torch.is_grad_enabled() and gate.dtype == out.dtype  # inference: one buffer less
+            out = gate.mul_(out) if inplace else gate * out
         out = self.o_proj(out)
         if lengths is not None:
             valid = torch.arange(length, device=x.device).view(1, length) < lengths.to(x.device).view(bsz, 1)
             out = out * valid.unsqueeze(-1).to(out.dtype)
         return out, TTTLayerState(inner, conv_q_state, conv_k_state)
+
+    # Inference (no autograd) computes the projections of the input in one GEMM over the concatenated
+    # weights, kept in a cache that is rebuilt when any of them changes (in place or replaced); the
+    # parameters themselves stay separate (names, state dicts and training are unchanged). The cache is
+    # a second copy of those weights (3-4 D x D per layer); TTTLayer.fuse_projections = False saves it.
+    fuse_projections = True
+
+    def _plain_projections(self) -> bool:
+        """The input projections are plain bias-free ``nn.Linear`` modules without hooks (not wrapped,
+        e.g. by an adapter or a parametrization), so their concatenated weights compute them exactly;
+        and every weight owns its storage, so a change of its values shows in its version counter (not
+        so for views into a shared buffer, e.g. FSDP's gathered parameters: those are not fused)."""
+        mods = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "g": "g_proj"}
+        for name in self._fused_input_names()[:-1]:
+            m = getattr(self, mods[name])
+            if type(m) is not nn.Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks:
+                return False
+        return all(type(w) is nn.Parameter and w.storage_offset() == 0
+                   and w.untyped_storage().nbytes() == w.numel() * w.element_size()
+                   for w in self._fused_input_weights())
+
+    def _fused_input_weights(self) -> list[Tensor]:
+        mods = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "g": "g_proj"}
+        return [getattr(self, mods[n]).weight if n in mods else self.learnable_ttt_lr_weight
+                for n in self._fused_input_names()]
+
+    def _fused_input_names(self) -> tuple[str, ...]:
+        return ("q", *(() if self.share_qk else ("k",)), "v", *(("g",) if self.use_gate else ()), "lr")
+
+    def _fused_input_sizes(self) -> list[int]:
+        return [self.hidden_size] * (len(self._fused_input_names()) - 1) + [self.num_heads]
+
+    def _fused_input_weight(self) -> Tensor:
+        ws = self._fused_input_weights()
+        key = tuple((id(w), w.data_ptr(), w._version, w.dtype, w.device) for w in ws)
+        cache = self.__dict__.get("_fused_weight_cache")
+        if cache is None or cache[0] != key:
+            with torch.inference_mode(False):
+                cache = (key, torch.cat([w.detach().reshape(-1, self.hidden_size) for w in ws]))
+            self.__dict__["_fused_weight_cache"] = cache
+        return cache[1]
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, type={self.ttt_layer_type}, "

@@ -49,7 +49,8 @@ class _CausalConvFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: Tensor):
         x, state, weight = ctx.saved_tensors
-        dx, dstate, dw, dbias = _extension().backward(x, state, weight, dy.contiguous(), ctx.has_bias)
+        dx, dstate, dw, dbias = _extension().backward(x.contiguous(), state, weight, dy.contiguous(),
+                                                      ctx.has_bias)
         return dx, (dstate if state is not None else None), dw, (dbias if ctx.has_bias else None)
 
 
@@ -119,7 +120,9 @@ def causal_conv1d(
     w = weight.to(dtype).reshape(d, k)
     st = None if state is None else state.to(dtype).contiguous()
     bias = None if bias is None else bias.to(dtype)
-    y = _CausalConvFunction.apply(x.contiguous(), st, w.contiguous(), bias)
+    if x.stride(-1) != 1:  # the compiled forward reads any [B, L, D] view with unit channel stride
+        x = x.contiguous()
+    y = _CausalConvFunction.apply(x, st, w.contiguous(), bias)
     if k == 1:
         return y, x.new_zeros(b, d, 0)
     return y, _new_state(x, x.new_zeros(b, d, k - 1) if state is None else state, k, lengths)

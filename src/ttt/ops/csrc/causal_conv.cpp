@@ -19,42 +19,50 @@ namespace {
 constexpr int64_t kBlock = 64;  // channels per task: contiguous, vectorisable inner loop
 
 template <typename scalar_t>
-void forward_kernel(const scalar_t* x, const scalar_t* state, const scalar_t* w, const scalar_t* bias,
-                    scalar_t* y, int64_t B, int64_t L, int64_t D, int64_t K) {
+void forward_kernel(const scalar_t* x, int64_t sxb, int64_t sxl, const scalar_t* state, const scalar_t* w,
+                    const scalar_t* bias, scalar_t* y, int64_t B, int64_t L, int64_t D, int64_t K) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t nblk = (D + kBlock - 1) / kBlock;
-  at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
-    acc_t acc[kBlock];
-    acc_t wl[kBlock * 8];
+  // tasks: (batch row, chunk of kChunk tokens), token outer and channels inner, so the K rows of x a
+  // token reads stream from memory in order (x may be a column block of a wider tensor: walking all L
+  // rows for one block of channels at a time would touch a new page every row)
+  constexpr int64_t kChunk = 64;
+  const int64_t nchunk = (L + kChunk - 1) / kChunk;
+  const int64_t Dv = D / kBlock * kBlock;  // whole blocks take the fast path
+  at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> wt(K * D), bl(D);  // weights tap-major [K, D], bias
+    for (int64_t j = 0; j < K; ++j)
+      for (int64_t c = 0; c < D; ++c) wt[j * D + c] = static_cast<acc_t>(w[c * K + j]);
+    for (int64_t c = 0; c < D; ++c) bl[c] = bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nblk, d0 = (task % nblk) * kBlock, nd = std::min(kBlock, D - d0);
-      const bool small_k = K <= 8;
-      if (small_k)
-        for (int64_t j = 0; j < K; ++j)
-          for (int64_t c = 0; c < nd; ++c) wl[j * kBlock + c] = static_cast<acc_t>(w[(d0 + c) * K + j]);
-      const scalar_t* xb = x + b * L * D + d0;
-      scalar_t* yb = y + b * L * D + d0;
-      for (int64_t t = 0; t < L; ++t) {
-        for (int64_t c = 0; c < nd; ++c) acc[c] = bias ? static_cast<acc_t>(bias[d0 + c]) : acc_t(0);
-        for (int64_t j = 0; j < K; ++j) {
-          const int64_t i = t + j - (K - 1);  // index into x; < 0 reads the state
-          if (i >= 0) {
-            const scalar_t* xr = xb + i * D;
-            if (small_k) {
-              const acc_t* wj = wl + j * kBlock;
-              for (int64_t c = 0; c < nd; ++c) acc[c] += wj[c] * static_cast<acc_t>(xr[c]);
-            } else {
-              for (int64_t c = 0; c < nd; ++c)
-                acc[c] += static_cast<acc_t>(w[(d0 + c) * K + j]) * static_cast<acc_t>(xr[c]);
+      const int64_t b = task / nchunk, t0 = (task % nchunk) * kChunk, t1 = std::min(L, t0 + kChunk);
+      const scalar_t* xb = x + b * sxb;
+      scalar_t* yb = y + b * L * D;
+      for (int64_t t = t0; t < t1; ++t) {
+        scalar_t* yr = yb + t * D;
+        int64_t c0 = 0;
+        if (t >= K - 1) {  // every tap reads x: whole blocks with compile-time width (registers)
+          for (; c0 < Dv; c0 += kBlock) {
+            acc_t a[kBlock];
+            for (int64_t c = 0; c < kBlock; ++c) a[c] = bl[c0 + c];
+            for (int64_t j = 0; j < K; ++j) {
+              const scalar_t* __restrict xr = xb + (t + j - (K - 1)) * sxl + c0;
+              const acc_t* __restrict wj = wt.data() + j * D + c0;
+              for (int64_t c = 0; c < kBlock; ++c) a[c] += wj[c] * static_cast<acc_t>(xr[c]);
             }
-          } else if (state) {
-            for (int64_t c = 0; c < nd; ++c)
-              acc[c] += static_cast<acc_t>(w[(d0 + c) * K + j]) *
-                        static_cast<acc_t>(state[(b * D + d0 + c) * (K - 1) + (t + j)]);
+            for (int64_t c = 0; c < kBlock; ++c) yr[c0 + c] = static_cast<scalar_t>(a[c]);
           }
         }
-        scalar_t* yr = yb + t * D;
-        for (int64_t c = 0; c < nd; ++c) yr[c] = static_cast<scalar_t>(acc[c]);
+        for (int64_t c = c0; c < D; ++c) {  // the rest: taps on the state, a partial block
+          acc_t a = bl[c];
+          for (int64_t j = 0; j < K; ++j) {
+            const int64_t i = t + j - (K - 1);  // index into x; < 0 reads the state
+            if (i >= 0)
+              a += wt[j * D + c] * static_cast<acc_t>(xb[i * sxl + c]);
+            else if (state)
+              a += wt[j * D + c] * static_cast<acc_t>(state[(b * D + c) * (K - 1) + (t + j)]);
+          }
+          yr[c] = static_cast<scalar_t>(a);
+        }
       }
     }
   });
@@ -126,8 +134,9 @@ void backward_kernel(const scalar_t* x, const scalar_t* state, const scalar_t* w
   });
 }
 
-void check(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "causal_conv: x must be a contiguous [B, L, D] tensor");
+void check(const at::Tensor& x, const at::Tensor& w, bool strided = false) {
+  TORCH_CHECK(x.dim() == 3 && (strided ? x.stride(2) == 1 : x.is_contiguous()), "causal_conv: x must be a ",
+              strided ? "[B, L, D] tensor with unit channel stride" : "contiguous [B, L, D] tensor");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(0) == x.size(2),
               "causal_conv: weight must be a contiguous [D, K] tensor");
   TORCH_CHECK(x.device().is_cpu(), "causal_conv: CPU tensors only");
@@ -137,11 +146,11 @@ void check(const at::Tensor& x, const at::Tensor& w) {
 
 at::Tensor causal_conv_forward(const at::Tensor& x, const std::optional<at::Tensor>& state,
                                const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  check(x, w);
+  check(x, w, true);  // x may be a column block of a wider [B, L, *] tensor (the layer's fused projections)
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2), K = w.size(1);
-  auto y = at::empty_like(x);
+  auto y = at::empty({B, L, D}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "causal_conv_forward", [&] {
-    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), state ? state->data_ptr<scalar_t>() : nullptr,
+    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), state ? state->data_ptr<scalar_t>() : nullptr,
                              w.data_ptr<scalar_t>(), bias ? bias->data_ptr<scalar_t>() : nullptr,
                              y.data_ptr<scalar_t>(), B, L, D, K);
   });

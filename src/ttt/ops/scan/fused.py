@@ -21,6 +21,8 @@ composes.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -70,6 +72,16 @@ class _HeadsFunction(torch.autograd.Function):
         return (None, None, None, None, None, dxq, dxk, dxv, dlr, dcoef.sum(0), dlnw, dlnb, *d_state)
 
 
+@functools.lru_cache(maxsize=64)
+def _rope_features(f: int, b: int, theta: float, dtype: torch.dtype, device: torch.device
+                   ) -> tuple[Tensor, Tensor]:
+    """The rotary table of positions ``0..b-1`` per feature (read-only; cached, it is the same every call):
+    pair (2i, 2i+1) -> out[j] = x[j] * cos[j] + x[j ^ 1] * sin[j]."""
+    with torch.inference_mode(False):  # normal tensors even when first built under inference mode
+        cos, sin = rope_table(f, torch.arange(b, device=device), theta, dtype)
+        return cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
+
+
 def ttt_dual_heads_fused(impl: ScanBackend, xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, coef: Tensor,
                          ln_w: Tensor, ln_b: Tensor, state: InnerState, rope_theta: float,
                          remat_group_size: int = 0) -> tuple[Tensor, InnerState]:
@@ -82,9 +94,7 @@ def ttt_dual_heads_fused(impl: ScanBackend, xq: Tensor, xk: Tensor, xv: Tensor, 
                   for t in (xq, xk, xv))
     lr, coef = lr.to(inner).contiguous(), coef.to(inner).contiguous()
     ln_w, ln_b = ln_w.to(inner).contiguous(), ln_b.to(inner).contiguous()
-    cos, sin = rope_table(f, torch.arange(b, device=xq.device), rope_theta, inner)
-    # per feature: pair (2i, 2i+1) -> out[j] = x[j] * cos[j] + x[j ^ 1] * sin[j]
-    cos, sin = cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
+    cos, sin = _rope_features(f, b, float(rope_theta), inner, xq.device)
     rows = bsz * heads
     n_mb = -(-length // b)
     n_complete = torch.full((rows,), length // b, dtype=torch.long, device=xq.device)

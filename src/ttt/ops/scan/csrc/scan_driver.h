@@ -13,6 +13,21 @@
 
 namespace ttt_scan {
 
+// Per-thread working memory (tapes, checkpoint-group states, scratch) that outlives the call: ATen's
+// worker threads persist, so each keeps one buffer, grown to the largest call it has served and reused
+// after that. Fresh large allocations cost a page fault per 4 KiB on every call (the allocator hands the
+// memory back between calls); reusing the buffer does not. Contents are not zeroed (every use writes
+// before it reads).
+template <typename T> T* thread_workspace(size_t n) {
+  thread_local std::vector<T> ws;
+  if (ws.size() < n) {
+    ws.clear();
+    ws.shrink_to_fit();
+    ws.resize(n);
+  }
+  return ws.data();
+}
+
 template <typename T> inline bool any_nonzero(const T* x, long n) {
   for (long i = 0; i < n; ++i)
     if (x[i] != T(0)) return true;
@@ -21,6 +36,9 @@ template <typename T> inline bool any_nonzero(const T* x, long n) {
 
 // Accumulators (the second half of the state) are tracked by a flag acc_nz: when it is false they are
 // zero and their memory may be stale (never read; written as zeros where a state leaves the scan).
+// Checkpoints: ckpt holds NS tensors, or only the NS / 2 weights when the caller knows the accumulators
+// are zero at every checkpoint (zero initial accumulators and every mini-batch before the last
+// checkpoint complete): then they are neither stored in the forward nor read back in the backward.
 // Model<T> provides: NS (number of state tensors; the second half are the accumulators),
 // sizes(d, out[NS]), tape_size(d), scratch_size(d),
 // tape(d, st, acc_nz, mb, tape, scratch, zbar_or_null, full),
@@ -32,11 +50,15 @@ void scan_forward_impl(const Dims& d, const Io& io, const int64_t* n_complete, s
   long sz[NS];
   Model::sizes(d, sz);
   const long n_groups = ckpt.empty() ? 0 : (d.N + group - 1) / group;
+  const int n_ckpt = static_cast<int>(ckpt.size());  // NS, NS / 2 (weights only) or 0
   // A thread steps its rows through the mini-batches together (mini-batch outer, row inner): with the
   // layer's [B, L, NH, F] layout (HeadsIo), neighbouring heads read neighbouring memory, so the strided
   // token rows stream instead of each costing a cache miss.
   at::parallel_for(0, d.R, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<T> tape(Model::tape_size(d)), scratch(Model::scratch_size(d)), buf(Io::buf_size(d));
+    const long n_tape = Model::tape_size(d), n_scratch = Model::scratch_size(d);
+    T* tape = thread_workspace<T>(n_tape + n_scratch + Io::buf_size(d));
+    T* scratch = tape + n_tape;
+    T* buf = scratch + n_scratch;
     std::vector<char> acc(r1 - r0);
     auto state_of = [&](int64_t r, T** st) {
       for (int i = 0; i < NS; ++i) st[i] = final_st[i] + r * sz[i];
@@ -56,21 +78,23 @@ void scan_forward_impl(const Dims& d, const Io& io, const int64_t* n_complete, s
         T* st[NS];
         state_of(r, st);
         bool acc_nz = acc[r - r0];
-        if (!ckpt.empty() && m % group == 0)
-          for (int i = 0; i < NS; ++i) {
+        if (n_ckpt && m % group == 0) {
+          TORCH_CHECK(n_ckpt == NS || !acc_nz, "ttt_scan: non-zero accumulators at a weights-only checkpoint");
+          for (int i = 0; i < n_ckpt; ++i) {
             T* c = ckpt[i] + (r * n_groups + m / group) * sz[i];
             if (i < NS / 2 || acc_nz)
               std::copy(st[i], st[i] + sz[i], c);
             else
               std::fill(c, c + sz[i], T(0));
           }
-        Mb<T> mb = io.load(d, r, m, buf.data());
+        }
+        Mb<T> mb = io.load(d, r, m, buf);
         mb.first = m == 0;
         mb.complete = m < n_complete[r];
-        T* zbar = io.zbar_out(d, r, m, buf.data());
-        Model::tape(d, st, acc_nz, mb, tape.data(), scratch.data(), zbar, false);
-        io.emit(d, r, m, mb, zbar, buf.data());
-        Model::update(d, st, st, acc_nz, mb, tape.data(), scratch.data());
+        T* zbar = io.zbar_out(d, r, m, buf);
+        Model::tape(d, st, acc_nz, mb, tape, scratch, zbar, false);
+        io.emit(d, r, m, mb, zbar, buf);
+        Model::update(d, st, st, acc_nz, mb, tape, scratch);
         acc[r - r0] = acc_nz;
       }
     for (int64_t r = r0; r < r1; ++r) {
@@ -93,13 +117,17 @@ void scan_backward_impl(const Dims& d, const Io& io, const int64_t* n_complete, 
   for (int i = 0; i < NS; ++i) state_size += sz[i];
   const long n_groups = (d.N + group - 1) / group;
   const long tsz = Model::tape_size(d);
+  const int n_ckpt = static_cast<int>(ckpt.size());  // NS, or NS / 2: the accumulators are zero there
   at::parallel_for(0, d.R, 1, [&](int64_t r0, int64_t r1) {
     const long g = std::min(group, d.N);
-    std::vector<T> slots(g * state_size), tapes(g * tsz), scratch(Model::scratch_size(d)),
-        buf(Io::buf_size(d));
+    const long n_scratch = Model::scratch_size(d);
+    T* slots = thread_workspace<T>(g * (state_size + tsz) + n_scratch + Io::buf_size(d));
+    T* tapes = slots + g * state_size;
+    T* scratch = tapes + g * tsz;
+    T* buf = scratch + n_scratch;
     std::vector<char> acc(g);
     auto slot = [&](long j, T** st) {
-      T* p = slots.data() + j * state_size;
+      T* p = slots + j * state_size;
       for (int i = 0; i < NS; ++i) {
         st[i] = p;
         p += sz[i];
@@ -121,7 +149,7 @@ void scan_backward_impl(const Dims& d, const Io& io, const int64_t* n_complete, 
         T* dc = dcoef_rows + r * d.b;
         T* dl = dlnw ? dlnw + r * d.F : nullptr;
         auto mb_at = [&](long m) {  // loads into buf (valid until the next call)
-          Mb<T> mb = io.load(d, r, m, buf.data());
+          Mb<T> mb = io.load(d, r, m, buf);
           mb.first = m == 0;
           mb.complete = m < n_complete[r];
           return mb;
@@ -130,7 +158,7 @@ void scan_backward_impl(const Dims& d, const Io& io, const int64_t* n_complete, 
         T* st[NS];
         slot(0, st);
         bool nz = false;
-        for (int i = 0; i < NS; ++i) {
+        for (int i = 0; i < n_ckpt; ++i) {
           const T* c = ckpt[i] + (r * n_groups + gi) * sz[i];
           std::copy(c, c + sz[i], st[i]);
           if (i >= NS / 2) nz = nz || any_nonzero(c, sz[i]);
@@ -140,12 +168,12 @@ void scan_backward_impl(const Dims& d, const Io& io, const int64_t* n_complete, 
           const long j = m - m0;
           slot(j, st);
           Mb<T> mb = mb_at(m);
-          Model::tape(d, st, acc[j], mb, tapes.data() + j * tsz, scratch.data(), nullptr, true);
+          Model::tape(d, st, acc[j], mb, tapes + j * tsz, scratch, nullptr, true);
           if (m + 1 < m1) {
             T* nx[NS];
             slot(j + 1, nx);
             bool a = acc[j];
-            Model::update(d, st, nx, a, mb, tapes.data() + j * tsz, scratch.data());  // writes the next slot
+            Model::update(d, st, nx, a, mb, tapes + j * tsz, scratch);  // writes the next slot
             acc[j + 1] = a;
           }
         }
@@ -154,10 +182,10 @@ void scan_backward_impl(const Dims& d, const Io& io, const int64_t* n_complete, 
           const long j = m - m0;
           slot(j, st);
           const Mb<T> mb = mb_at(m);
-          const T* dzb = io.dzbar_of(d, r, m, mb, buf.data(), dl);
-          const MbGrad<T> gr = io.grads(d, r, m, buf.data(), dc, dl);
-          Model::backward(d, st, acc[j], mb, tapes.data() + j * tsz, dzb, dst, gr, scratch.data());
-          io.emit_grads(d, r, m, mb, gr, buf.data());
+          const T* dzb = io.dzbar_of(d, r, m, mb, buf, dl);
+          const MbGrad<T> gr = io.grads(d, r, m, buf, dc, dl);
+          Model::backward(d, st, acc[j], mb, tapes + j * tsz, dzb, dst, gr, scratch);
+          io.emit_grads(d, r, m, mb, gr, buf);
         }
       }
     }

@@ -211,10 +211,24 @@ std::vector<at::Tensor> heads_forward(const at::Tensor& xq, const at::Tensor& xk
   const long n_groups = (d.N + group - 1) / group;
   at::Tensor out = at::empty({h.B, h.L, h.NH, d.F}, xq.options());
   at::Tensor zsave = save ? at::empty({d.R, d.N, d.b, d.F}, xq.options()) : at::empty({0}, xq.options());
+  // checkpoint the accumulators only where they can be non-zero at a checkpoint (see scan_driver.h):
+  // a training step starts from zero accumulators and closes every mini-batch but the last, so its
+  // checkpoints hold the weights alone
+  const size_t ns = state.size();
+  size_t n_ckpt = save ? ns / 2 : 0;
+  if (save) {
+    const int64_t* nc = n_complete.data_ptr<int64_t>();
+    for (int64_t r = 0; r < d.R; ++r)
+      if (nc[r] < (n_groups - 1) * group) n_ckpt = ns;
+    for (size_t i = ns / 2; i < ns && n_ckpt < ns; ++i)
+      AT_DISPATCH_FLOATING_TYPES(state[i].scalar_type(), "ttt_scan_acc_nz", [&] {
+        if (any_nonzero(state[i].data_ptr<scalar_t>(), state[i].numel())) n_ckpt = ns;
+      });
+  }
   std::vector<at::Tensor> fin, ckpt;
   for (const auto& t : state) {
     fin.push_back(at::empty_like(t));
-    if (save) {
+    if (ckpt.size() < n_ckpt) {
       std::vector<int64_t> shape = {d.R, n_groups};
       shape.insert(shape.end(), t.sizes().begin() + 1, t.sizes().end());
       ckpt.push_back(at::empty(shape, t.options()));
@@ -242,12 +256,17 @@ std::vector<at::Tensor> heads_backward(const at::Tensor& xq, const at::Tensor& x
                                        const at::Tensor& zsave, int64_t group, const at::Tensor& d_out,
                                        std::vector<at::Tensor> d_final) {
   const HeadsDims h = check_heads(xq, xk, xv, lr, coef, ln_w, ln_b, cos, sin, n_complete, d_final, group, 0);
-  check_heads(xq, xk, xv, lr, coef, ln_w, ln_b, cos, sin, n_complete, saved, group, 1);
   const Dims& d = h.d;
   const long n_groups = (d.N + group - 1) / group;
-  TORCH_CHECK(saved[0].size(1) == n_groups, "ttt_scan: ", saved[0].size(1), " checkpoints for ", d.N,
-              " mini-batches in groups of ", group, " (expected ", n_groups, ")");
-  TORCH_CHECK(saved.size() == d_final.size(), "ttt_scan: checkpoints and state gradients differ in length");
+  // checkpoints: the whole state, or its weights alone (heads_forward: zero accumulators there)
+  TORCH_CHECK(saved.size() == d_final.size() || 2 * saved.size() == d_final.size(),
+              "ttt_scan: ", saved.size(), " checkpoint tensors for a state of ", d_final.size());
+  for (size_t i = 0; i < saved.size(); ++i) {
+    std::vector<int64_t> shape = {d.R, n_groups};
+    shape.insert(shape.end(), d_final[i].sizes().begin() + 1, d_final[i].sizes().end());
+    const std::string name = "checkpoint[" + std::to_string(i) + "]";
+    check_tensor(saved[i], name.c_str(), xq.scalar_type(), shape);
+  }
   check_tensor(zsave, "zbar", xq.scalar_type(), {d.R, d.N, d.b, d.F});
   TORCH_CHECK(d_out.scalar_type() == xq.scalar_type() && d_out.sizes() == xq.sizes() && d_out.stride(3) == 1,
               "ttt_scan: d_out must be ", xq.scalar_type(), " of shape ", xq.sizes(), " with unit feature stride");
