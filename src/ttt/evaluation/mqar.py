@@ -24,7 +24,6 @@ import functools
 import json
 import math
 import multiprocessing
-import pickle
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -440,12 +439,13 @@ def _train_and_test(
     return run
 
 
-def _picklable(obj: Any) -> bool:
-    try:
-        pickle.dumps(obj)
-    except Exception:  # lambdas, closures, local functions
-        return False
-    return True
+def _picklable(fn: Any) -> bool:
+    """Whether ``fn`` can go to a spawned worker by reference: a module-level function or class (or a
+    ``functools.partial`` of one), not a lambda, a local function or a bound method."""
+    if isinstance(fn, functools.partial):
+        return _picklable(fn.func)
+    qual = getattr(fn, "__qualname__", "")
+    return bool(getattr(fn, "__module__", None)) and bool(qual) and "<" not in qual and "." not in qual
 
 
 def run_mqar(
