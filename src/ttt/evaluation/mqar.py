@@ -533,17 +533,19 @@ def _run_config(cfg: MQARConfig, arch: str) -> dict[str, Any]:
 
 def _result(cfg: MQARConfig, runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
     seconds: dict[str, float] = {}
-    cpu: dict[str, float] = {}
+    cpu: dict[str, float | None] = {}  # None: a run stored before CPU time was recorded
     for r in runs.values():
         seconds[r["arch"]] = seconds.get(r["arch"], 0.0) + r["train_seconds"] + r["test_seconds"]
-        cpu[r["arch"]] = cpu.get(r["arch"], 0.0) + r.get("cpu_seconds", float("nan"))
+        mine, prev = r.get("cpu_seconds"), cpu.get(r["arch"], 0.0)
+        cpu[r["arch"]] = None if mine is None or prev is None else prev + mine
+    known = [c for c in cpu.values() if c is not None]
     return {
         "config": asdict(cfg),
         "chance": chance_accuracy(cfg.vocab_size),
         "seconds_by_arch": seconds,
         "total_seconds": sum(seconds.values()),
         "cpu_seconds_by_arch": cpu,
-        "total_cpu_seconds": sum(cpu.values()),
+        "total_cpu_seconds": sum(known) if len(known) == len(cpu) else None,
         "runs": list(runs.values()),
         "rows": rows,
     }
