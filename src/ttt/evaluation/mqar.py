@@ -364,6 +364,12 @@ def _mqar_data(cfg: MQARConfig, grid: Sequence[tuple[int, int]]) -> tuple[Data, 
     return train, test
 
 
+def _arch_settings(cfg: MQARConfig, arch: str, grid: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The settings of ``grid`` that ``arch`` trains and is tested on (up to its ``max_seq_len``)."""
+    cap = cfg.max_seq_len.get(arch)
+    return [s for s in grid if cap is None or s[0] <= cap]
+
+
 def _train_and_test(
     cfg: MQARConfig,
     arch: str,
@@ -381,8 +387,7 @@ def _train_and_test(
     grid = mqar_settings(cfg.seq_lens, cfg.num_kv_pairs)
     train_all, test_all = data if data is not None else _mqar_data(cfg, grid)
     device = pick_device(cfg.device)
-    cap = cfg.max_seq_len.get(arch)
-    mine = [s for s in grid if cap is None or s[0] <= cap]
+    mine = _arch_settings(cfg, arch, grid)
     easiest = mine[0]
     val = generate_mqar(128, *easiest, cfg.vocab_size, seed=cfg.seed + 20_000)
     gate_acc: list[float] = []
@@ -484,11 +489,7 @@ def run_mqar(
     jobs = [(a, w, lr) for a in cfg.archs for w in cfg.widths for lr in cfg.lrs_by_arch.get(a, cfg.lrs)]
     keys = {f"{a}|{w}|{lr:g}" for a, w, lr in jobs}
     runs = {k: r for k, r in runs.items() if k in keys}
-    todo = [
-        (a, w, lr) for a, w, lr in jobs
-        if f"{a}|{w}|{lr:g}" not in runs and any(cfg.max_seq_len.get(a) is None or s[0] <= cfg.max_seq_len[a]
-                                                 for s in grid)
-    ]
+    todo = [(a, w, lr) for a, w, lr in jobs if f"{a}|{w}|{lr:g}" not in runs and _arch_settings(cfg, a, grid)]
 
     def done(run: dict[str, Any]) -> None:
         runs[run["key"]] = run

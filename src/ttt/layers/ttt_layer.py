@@ -300,15 +300,15 @@ class TTTLayer(nn.Module):
     # parameters themselves stay separate (names, state dicts and training are unchanged). The cache is
     # a second copy of those weights (3-4 D x D per layer); TTTLayer.fuse_projections = False saves it.
     fuse_projections = True
+    _PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "g": "g_proj"}  # fused name -> module
 
     def _plain_projections(self) -> bool:
         """The input projections are plain bias-free ``nn.Linear`` modules without hooks (not wrapped,
         e.g. by an adapter or a parametrization), so their concatenated weights compute them exactly;
         and every weight owns its storage, so a change of its values shows in its version counter (not
         so for views into a shared buffer, e.g. FSDP's gathered parameters: those are not fused)."""
-        mods = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "g": "g_proj"}
         for name in self._fused_input_names()[:-1]:
-            m = getattr(self, mods[name])
+            m = getattr(self, self._PROJECTIONS[name])
             if type(m) is not nn.Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks:
                 return False
         return all(type(w) is nn.Parameter and w.storage_offset() == 0
@@ -316,9 +316,8 @@ class TTTLayer(nn.Module):
                    for w in self._fused_input_weights())
 
     def _fused_input_weights(self) -> list[Tensor]:
-        mods = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "g": "g_proj"}
-        return [getattr(self, mods[n]).weight if n in mods else self.learnable_ttt_lr_weight
-                for n in self._fused_input_names()]
+        return [getattr(self, self._PROJECTIONS[n]).weight if n in self._PROJECTIONS
+                else self.learnable_ttt_lr_weight for n in self._fused_input_names()]
 
     def _fused_input_names(self) -> tuple[str, ...]:
         return ("q", *(() if self.share_qk else ("k",)), "v", *(("g",) if self.use_gate else ()), "lr")
