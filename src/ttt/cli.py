@@ -380,7 +380,7 @@ def compare_cmd(
     ),
     preset: str = typer.Option(
         "demo",
-        help="Study preset: demo (CPU, ~15 min), full (all five, CPU, ~45 min), gpu / gpu-8k (125m, one GPU),"
+        help="Study preset: demo (CPU, ~15 min), full (all five, CPU, ~1-2 h), gpu / gpu-8k (125m, one GPU),"
         " smoke (seconds).",
     ),
     out: Path | None = typer.Option(None, help="Report directory (default: runs/compare-<preset>)."),

@@ -134,12 +134,14 @@ def test_every_preset_builds_a_valid_training_config(preset: str, tmp_path) -> N
 
 
 def test_preset_recipes() -> None:
-    """`full` = the demo's three runs + the Mamba baselines: same fingerprints, so runs are reused."""
+    """`full` = the demo's recipe with all five architectures and 1.5x the tokens; with the demo's
+    token budget it has the demo's fingerprints, so the demo's runs are reused."""
     demo, full = study_config("demo"), study_config("full")
     assert set(demo.archs) < set(full.archs) == set(ARCHS)
+    assert full.train_tokens == 3 * demo.train_tokens // 2 and full.warmup_tokens == demo.warmup_tokens
+    at_demo_budget = study_config("full", [f"train_tokens={demo.train_tokens}"])
     for arch in demo.archs:
-        assert demo.fingerprint(arch) == full.fingerprint(arch)
-    assert study_config("full", ["train_tokens=1536000"]).fingerprint("mamba") != full.fingerprint("mamba")
+        assert demo.fingerprint(arch) == at_demo_budget.fingerprint(arch) != full.fingerprint(arch)
     assert demo.seq_len >= 1024
     assert study_config("gpu").size == study_config("gpu-8k").size == "125m"
     assert (study_config("gpu").seq_len, study_config("gpu-8k").seq_len) == (2048, 8192)

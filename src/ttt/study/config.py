@@ -133,11 +133,12 @@ STUDY_PRESETS: dict[str, dict[str, Any]] = {
     # ones: 500 AdamW steps of 2 x 1024 bytes take TTT-Linear below 2.0 nats/byte, where 96 steps of
     # 4 x 2048 stopped at 2.42.
     "demo": _DEMO,
-    # all five architectures with the demo's recipe (same runs: an `--out` holding the demo's reuses
-    # them). The Mamba baselines' pure-PyTorch scans are the bottleneck (~650 (Mamba) and ~1,700
-    # (Mamba-2) training tokens/s on this 2-core CPU, against ~17,000 for TTT-Linear): ~45 min alone,
-    # 1-1.5 h in the background. A larger budget: `-s train_tokens=1536000` (750 steps).
-    "full": {**_DEMO, "archs": list(ARCHS)},
+    # all five architectures with the demo's recipe at 1.5x its tokens (750 steps of 2 x 1024 bytes): the
+    # budget that fits about two hours on this 2-core CPU. The Mamba baselines' pure-PyTorch scans are
+    # the bottleneck (~660 (Mamba) and ~1,700 (Mamba-2) training tokens/s on 2 threads, against
+    # ~17,000 for TTT-Linear): ~1 h of training alone on the machine, ~2 h as 1-thread processes in
+    # the background (see docs/results.md). `-s train_tokens=1024000` gives the demo's runs (reused).
+    "full": {**_DEMO, "archs": list(ARCHS), "train_tokens": 1_536_000},
     # the paper's 125m scale on one GPU: all five architectures at context 2048 (`gpu-8k`: 8192), bf16
     # autocast, gradient checkpointing (HF Mamba's PyTorch scan holds [batch, length, 1536, 16] fp32
     # tensors per layer). On the built-in Shakespeare (4.7M training bytes) 12.3M tokens are ~2.6
