@@ -105,6 +105,22 @@ template <typename T> struct HeadsIo {
     }
   }
 
+  // Software prefetch of this row's next mini-batch (q, k, v, and out for writing): the driver visits it
+  // after the other rows of this thread (tens of microseconds later, so it waits in L2). Each token's
+  // head slice is a few lines in a different page (rows are L * NH * F apart), which the hardware
+  // prefetchers do not follow.
+  void prefetch_next(const Dims& d, long r, long m) const {
+    const long b = d.b, F = d.F, bi = r / NH, h = r % NH;
+    constexpr long LINE = 64 / sizeof(T);
+    for (long t = (m + 1) * b; t < std::min((m + 2) * b, L); ++t)
+      for (long j = 0; j < F; j += LINE) {
+        __builtin_prefetch(xq.at(bi, t, h) + j);
+        __builtin_prefetch(xk.at(bi, t, h) + j);
+        __builtin_prefetch(xv.at(bi, t, h) + j);
+        if (out.p) __builtin_prefetch(out.at(bi, t, h) + j, 1);
+      }
+  }
+
   Mb<T> load(const Dims& d, long r, long m, T* buf) const {
     const long b = d.b, F = d.F, bi = r / NH, h = r % NH, bf = b * F;
     T *K = buf, *Q = buf + bf, *S = buf + 2 * bf, *LR = buf + 8 * bf;
@@ -127,6 +143,7 @@ template <typename T> struct HeadsIo {
       for (long j = 0; j < F; ++j) sr[j] = lb[j] - (vi[j] - kr[j]);
       LR[i] = lr[r * L + t];
     }
+    prefetch_next(d, r, m);
     return Mb<T>{K, Q, S, LR, coef, lnw + h * F, false, false};
   }
 

@@ -62,9 +62,38 @@ template <typename T> inline T hsum(vec_t<T> v) {
 //   C(i, j) = C[i * crs + j * ccs] (ccs != 1 writes a transposed result)
 // ------------------------------------------------------------------------------------------------
 
-template <typename T, int MR, int NV>
-inline void mm_block(long K, const T* __restrict A, long ars, long acs, const T* __restrict B, long ldb,
-                     T* C, long crs, long ccs, T alpha, bool beta, const T* D) {
+#if defined(__GNUC__) && !defined(__clang__)
+// In-register transpose of a W x W tile (W vectors), one butterfly stage per call: rows r and r + H
+// exchange H-wide blocks (log2 W stages, 2 two-source permutes per row pair each). A transposed
+// store (mm_nt) then writes whole vectors instead of W scalars per vector, whose lane extracts
+// compete with the FMAs for the same port.
+template <typename T, int H> inline void transpose_tile(vec_t<T>* r) {
+  typedef ivec_t<T> IV;
+  constexpr int W = VW<T>;
+  IV lo, hi;
+  for (int j = 0; j < W; ++j) {
+    const int blk = j / H, base = (blk % 2 ? W : 0) + (blk / 2) * 2 * H + j % H;
+    lo[j] = base;
+    hi[j] = base + H;
+  }
+  for (int r0 = 0; r0 < W; r0 += 2 * H)
+    for (int q = r0; q < r0 + H; ++q) {
+      const vec_t<T> a = r[q], b = r[q + H];
+      r[q] = __builtin_shuffle(a, b, lo);
+      r[q + H] = __builtin_shuffle(a, b, hi);
+    }
+  if constexpr (H > 1) transpose_tile<T, H / 2>(r);
+}
+#endif
+
+// One MR x (NV * W) tile of C, accumulated in registers over the whole K. TR: transposed store (ccs != 1),
+// a separate instance so the plain one keeps its accumulators in registers (one generic body spilled all
+// of them to the stack and back, for K = 16 products a third of the call); always inlined (no call or
+// PLT hop per tile: these products are small).
+template <typename T, int MR, int NV, bool TR>
+__attribute__((always_inline)) inline void mm_block(long K, const T* __restrict A, long ars, long acs,
+                                                    const T* __restrict B, long ldb, T* C, long crs, long ccs,
+                                                    T alpha, bool beta, const T* D) {
   typedef vec_t<T> V;
   constexpr int W = VW<T>;
   V acc[MR][NV];
@@ -86,15 +115,31 @@ inline void mm_block(long K, const T* __restrict A, long ars, long acs, const T*
       for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
     }
   }
+#if defined(__GNUC__) && !defined(__clang__)
+  if constexpr (TR && MR == W) {
+    if (crs == 1) {  // transposed store of a square tile: transpose in registers, store whole rows of C
+      for (int v = 0; v < NV; ++v) {
+        V t[W];
+        for (int i = 0; i < W; ++i) t[i] = alpha * acc[i][v];
+        transpose_tile<T, W / 2>(t);
+        for (int l = 0; l < W; ++l) {
+          const long o = (v * W + l) * ccs;
+          vstore(C + o, beta ? t[l] + vload(D + o) : t[l]);
+        }
+      }
+      return;
+    }
+  }
+#endif
   for (int i = 0; i < MR; ++i) {
     T* c = C + i * crs;
     const T* dd = D + i * crs;
     for (int v = 0; v < NV; ++v) {
       V r = alpha * acc[i][v];
-      if (ccs == 1) {
+      if constexpr (!TR) {
         if (beta) r += vload(dd + v * W);
         vstore(c + v * W, r);
-      } else {  // transposed result: scatter through a small buffer (keeps acc in registers)
+      } else {  // scatter through a small buffer
         T tmp[W];
         vstore(tmp, r);
         T* cv = c + v * W * ccs;
@@ -125,30 +170,39 @@ inline void mm_tail(long M, long n, long K, const T* A, long ars, long acs, cons
   }
 }
 
-template <typename T, int MR, int NV>
+template <typename T, int MR, int NV, bool TR>
 inline void mm_panel(long M, long K, const T* A, long ars, long acs, const T* B, long ldb, T* C, long crs,
                      long ccs, T alpha, bool beta, const T* D) {
   long i = 0;
   for (; i + MR <= M; i += MR)
-    mm_block<T, MR, NV>(K, A + i * ars, ars, acs, B, ldb, C + i * crs, crs, ccs, alpha, beta, D + i * crs);
+    mm_block<T, MR, NV, TR>(K, A + i * ars, ars, acs, B, ldb, C + i * crs, crs, ccs, alpha, beta, D + i * crs);
   if constexpr (MR > 1) {
     if (i < M)
-      mm_panel<T, MR / 2, NV>(M - i, K, A + i * ars, ars, acs, B, ldb, C + i * crs, crs, ccs, alpha, beta,
-                              D + i * crs);
+      mm_panel<T, MR / 2, NV, TR>(M - i, K, A + i * ars, ars, acs, B, ldb, C + i * crs, crs, ccs, alpha, beta,
+                                  D + i * crs);
   }
 }
 
-template <typename T>
-void mm(long M, long N, long K, const T* A, long ars, long acs, const T* B, long ldb, T* C, long crs, long ccs,
-        T alpha = T(1), bool beta = false, const T* D = nullptr) {
-  if (!D) D = C;
+template <typename T, bool TR>
+void mm_impl(long M, long N, long K, const T* A, long ars, long acs, const T* B, long ldb, T* C, long crs,
+             long ccs, T alpha, bool beta, const T* D) {
   constexpr int W = VW<T>;
   long j = 0;
   for (; j + 2 * W <= N; j += 2 * W)
-    mm_panel<T, 8, 2>(M, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta, D + j * ccs);
+    mm_panel<T, 8, 2, TR>(M, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta, D + j * ccs);
   for (; j + W <= N; j += W)
-    mm_panel<T, 16, 1>(M, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta, D + j * ccs);
+    mm_panel<T, 16, 1, TR>(M, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta, D + j * ccs);
   if (j < N) mm_tail<T>(M, N - j, K, A, ars, acs, B + j, ldb, C + j * ccs, crs, ccs, alpha, beta, D + j * ccs);
+}
+
+template <typename T>
+inline void mm(long M, long N, long K, const T* A, long ars, long acs, const T* B, long ldb, T* C, long crs,
+               long ccs, T alpha = T(1), bool beta = false, const T* D = nullptr) {
+  if (!D) D = C;
+  if (ccs == 1)
+    mm_impl<T, false>(M, N, K, A, ars, acs, B, ldb, C, crs, ccs, alpha, beta, D);
+  else
+    mm_impl<T, true>(M, N, K, A, ars, acs, B, ldb, C, crs, ccs, alpha, beta, D);
 }
 
 // C (M x N, row-major) (+)= alpha * A (M x K, row-major) B (K x N, row-major)
@@ -170,6 +224,19 @@ inline void mm_nt(long M, long N, long K, const T* At, const T* B, T* C, T alpha
 }
 
 template <typename T> inline void transpose(long rows, long cols, const T* src, T* dst) {
+  constexpr int W = VW<T>;
+#if defined(__GNUC__) && !defined(__clang__)
+  if (rows % W == 0 && cols % W == 0) {  // whole W x W tiles, transposed in registers
+    for (long i0 = 0; i0 < rows; i0 += W)
+      for (long j0 = 0; j0 < cols; j0 += W) {
+        vec_t<T> t[W];
+        for (int i = 0; i < W; ++i) t[i] = vload(src + (i0 + i) * cols + j0);
+        transpose_tile<T, W / 2>(t);
+        for (int j = 0; j < W; ++j) vstore(dst + (j0 + j) * rows + i0, t[j]);
+      }
+    return;
+  }
+#endif
   for (long i = 0; i < rows; ++i)
     for (long j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
 }

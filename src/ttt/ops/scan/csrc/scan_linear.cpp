@@ -127,8 +127,12 @@ template <typename T> struct Linear {
       T dcl = -vdot(lg, dlg, bf);
       if (acc_nz) dcl -= vdot(gW, dW, F * F) + vdot(gb, db, F);
       gr.dcoef[b - 1] += dcl;
-      for (long i = 0; i < F * F; ++i) dgW[i] = -cl * dW[i];
-      for (long i = 0; i < F; ++i) dgb[i] = -cl * db[i];
+      // d acc = -cl * dW. Written only in the first mini-batch (the last one run backwards): otherwise the
+      // next one run (m - 1, complete as well) overwrites it unread; here it is read as -cl * dW.
+      if (mb.first) {
+        for (long i = 0; i < F * F; ++i) dgW[i] = -cl * dW[i];
+        for (long i = 0; i < F; ++i) dgb[i] = -cl * db[i];
+      }
       for (long i = 0; i < bf; ++i) dlg[i] *= -cl;
     } else {
       mm_nn<T>(b, F, F, mb.K, dgW, dlg);
@@ -136,7 +140,7 @@ template <typename T> struct Linear {
     }
     // acc = gW + K^T (lr * G)
     transpose<T>(b, F, lg, tT);
-    mm_nt<T>(b, F, F, tT, dgW, gr.dk);
+    mm_nt<T>(b, F, F, tT, mb.complete ? dW : dgW, gr.dk, mb.complete ? -cl : T(1));
     for (long i = 0; i < b; ++i) {
       gr.dlr[i] = vdot(t.G + i * F, dlg + i * F, F);
       for (long j = 0; j < F; ++j) dg[i * F + j] = mb.lr[i] * dlg[i * F + j];

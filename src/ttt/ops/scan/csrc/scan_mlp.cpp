@@ -185,10 +185,13 @@ template <typename T> struct Mlp {
       if (acc_nz)
         dcl -= vdot(gW1, dW1, F * H) + vdot(gb1, db1, H) + vdot(gW2, dW2, F * H) + vdot(gb2, db2, F);
       gr.dcoef[b - 1] += dcl;
-      for (int s = 0; s < 4; ++s) {
-        const long n = s % 2 ? (s == 1 ? H : F) : F * H;
-        for (long i = 0; i < n; ++i) dst[s + 4][i] = -cl * dst[s][i];
-      }
+      // d acc = -cl * dW. Written only in the first mini-batch (the last one run backwards): otherwise the
+      // next one run (m - 1, complete as well) overwrites it unread; here it is read as -cl * dW.
+      if (mb.first)
+        for (int s = 0; s < 4; ++s) {
+          const long n = s % 2 ? (s == 1 ? H : F) : F * H;
+          for (long i = 0; i < n; ++i) dst[s + 4][i] = -cl * dst[s][i];
+        }
       for (long i = 0; i < bh; ++i) dlg1[i] *= -cl;
       for (long i = 0; i < bf; ++i) dlg2[i] *= -cl;
     } else {
@@ -198,10 +201,11 @@ template <typename T> struct Mlp {
       add_rows(b, F, dgb2, dlg2);
     }
     // accumulators: acc1 = gW1 + K^T (lr G1), acc2 = gW2 + X2^T (lr G2)
+    const T ag = mb.complete ? -cl : T(1);  // d acc = ag * (complete ? dW : dgW)
     transpose<T>(b, H, lg1, tT);
-    mm_nt<T>(b, F, H, tT, dgW1, gr.dk);
+    mm_nt<T>(b, F, H, tT, mb.complete ? dW1 : dgW1, gr.dk, ag);
     transpose<T>(b, F, lg2, tT);
-    mm_nt<T>(b, H, F, tT, dgW2, dx2);
+    mm_nt<T>(b, H, F, tT, mb.complete ? dW2 : dgW2, dx2, ag);
     for (long i = 0; i < b; ++i) {
       gr.dlr[i] = vdot(t.G1 + i * H, dlg1 + i * H, H) + vdot(t.G2 + i * F, dlg2 + i * F, F);
       for (long j = 0; j < H; ++j) dg1[i * H + j] = mb.lr[i] * dlg1[i * H + j];
