@@ -421,7 +421,7 @@ def compare_cmd(
 @command
 def mqar_cmd(
     preset: str = typer.Option(
-        "cpu", help="Sweep preset: smoke (seconds, does not learn), cpu (~40 min on 2 cores), default (GPU)."
+        "cpu", help="Sweep preset: smoke (seconds, does not learn), cpu (~25 min on 2 cores), default (GPU)."
     ),
     archs: str | None = typer.Option(None, help="Comma-separated architectures."),
     seq_lens: str | None = typer.Option(None, help="Comma-separated sequence lengths, e.g. 32,64,128,256."),

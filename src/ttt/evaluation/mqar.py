@@ -181,8 +181,9 @@ MQAR_PRESETS: dict[str, dict[str, Any]] = {
         train_examples=64,
         test_examples=16,
     ),
-    # learns on this 2-core CPU in about half an hour: two worker processes, the slowest runs first
-    # (Mamba's pure-PyTorch scan alone is ~40% of the CPU time); docs/results.md, "MQAR"
+    # learns on this 2-core CPU in under half an hour (timed: 24 min wall, 27 CPU-min): two worker
+    # processes, the slowest runs first (Mamba's pure-PyTorch scan alone is ~half of the CPU time);
+    # docs/results.md, "MQAR"
     "cpu": dict(
         archs=["mamba", "mamba2", "ttt-mlp", "ttt-linear", "transformer"],
         seq_lens=[32, 64, 128, 256],
