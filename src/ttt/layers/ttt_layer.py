@@ -13,6 +13,7 @@ from ..ops.conv import causal_conv1d
 from ..ops.decode import ttt_step
 from ..ops.dual import ttt_dual_heads
 from ..ops.functional import gelu_tanh, rope_adjacent, token_coefficients
+from ..ops.norm import gated_layer_norm_
 from ..ops.reference import ttt_reference
 from ..ops.scan import BACKENDS
 from ..ops.state import InnerState
@@ -281,14 +282,16 @@ class TTTLayer(nn.Module):
                 # decoding: the primal one-token step beats the dual form's set-up
                 out, inner = (ttt_reference if self.impl == "reference" else ttt_step)(*args)
                 out = out.transpose(1, 2)
-        gate = gelu_tanh(proj["g"] if "g" in proj else self.g_proj(x)) if self.use_gate else None
+        gate = (proj["g"] if "g" in proj else self.g_proj(x)) if self.use_gate else None
         # drop the references to the projections: at inference their memory serves what follows
         proj = xq = xk = xv = args = None
         out = out.to(x.dtype).reshape(bsz, length, self.hidden_size)
-        out = self.post_norm(out)
-        if gate is not None:
-            inplace = not torch.is_grad_enabled() and gate.dtype == out.dtype  # inference: one buffer less
-            out = gate.mul_(out) if inplace else gate * out
+        if self._plain_post_norm():  # post-norm and gate in one pass, over the scan's output at inference
+            out = gated_layer_norm_(out, self.post_norm.weight, self.post_norm.bias, self.post_norm.eps, gate)
+        else:
+            out = self.post_norm(out)
+            if gate is not None:
+                out = gelu_tanh(gate) * out
         out = self.o_proj(out)
         if lengths is not None:
             valid = torch.arange(length, device=x.device).view(1, length) < lengths.to(x.device).view(bsz, 1)
@@ -301,6 +304,12 @@ class TTTLayer(nn.Module):
     # a second copy of those weights (3-4 D x D per layer); TTTLayer.fuse_projections = False saves it.
     fuse_projections = True
     _PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "g": "g_proj"}  # fused name -> module
+
+    def _plain_post_norm(self) -> bool:
+        """``post_norm`` is the plain affine ``nn.LayerNorm`` over the width, without hooks."""
+        m = self.post_norm
+        return (type(m) is nn.LayerNorm and m.elementwise_affine and m.bias is not None
+                and not (m._forward_hooks or m._forward_pre_hooks))
 
     def _plain_projections(self) -> bool:
         """The input projections are plain bias-free ``nn.Linear`` modules without hooks (not wrapped,

@@ -44,6 +44,7 @@ from ..ops.layout import (
     position_ids_from_cu_seqlens,
     real_token_mask,
 )
+from ..ops.norm import rms_norm
 from .cache_ttt import CACHE_KEY, TTTCache
 from .configuration_ttt import TTTConfig
 from .training_run import find_training_checkpoint, verify_weights
@@ -60,10 +61,7 @@ class TTTRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -16,6 +16,8 @@ compiler, Triton or the C++ sources neither builds, warns nor fails:
 * the causal conv (``ops/conv.py``) gets an ``_extension`` that returns ``None``, so it always runs
   :func:`ttt.ops.conv.causal_conv1d_reference`, and its import of the extension builder
   (``ops/extension.py``) is replaced by a stub, so the builder is not bundled;
+* the normalisations (``ops/norm.py``) likewise get an ``_extension`` that returns ``None`` (their PyTorch
+  references run) and the builder stub;
 * the decode step (``ops/decode.py``) gets a ``_fused_decoder`` that returns ``None`` (the PyTorch step).
 
 Each hook names what it replaces; if the package's module no longer defines it, generating the bundle
@@ -53,6 +55,12 @@ def _extension():
     """The exported copy never builds the compiled conv: causal_conv1d runs causal_conv1d_reference."""
     return None
 '''),
+    "ttt.ops.norm": (("def _extension(", "def rms_norm_reference(", "def gated_layer_norm_reference("),
+                     _BANNER + '''\
+def _extension():
+    """The exported copy never builds the compiled normalisations: the PyTorch references run."""
+    return None
+'''),
     "ttt.ops.decode": (("def _fused_decoder(", "fused = _fused_decoder("), _BANNER + '''\
 def _fused_decoder(xq, tensors, state):
     """The exported copy always takes the PyTorch decode step (the Triton kernels are not bundled)."""
@@ -60,11 +68,13 @@ def _fused_decoder(xq, tensors, state):
 '''),
 }
 #: (module, imported module) -> the stub that replaces ``from .imported import ...`` in the copy
-_STUBS: dict[tuple[str, str], str] = {
-    ("ttt.ops.conv", "ttt.ops.extension"): '''\
+_NO_BUILDER = '''\
 def load_library(*args, **kwargs):  # exported model: the extension builder is not bundled
     raise RuntimeError("compiled extensions are not part of an exported model")
-''',
+'''
+_STUBS: dict[tuple[str, str], str] = {
+    ("ttt.ops.conv", "ttt.ops.extension"): _NO_BUILDER,
+    ("ttt.ops.norm", "ttt.ops.extension"): _NO_BUILDER,
 }
 
 

@@ -39,7 +39,9 @@ def cflags() -> list[str]:
         flags.append("-fopenmp")
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
-        flags.append("-march=native")
+        # 512-bit vectors for the loops the compiler vectorises, where the CPU has them (its default
+        # is 256-bit): ~5% of the compiled scan on an AVX-512 machine
+        flags += ["-march=native", "-mprefer-vector-width=512"]
     elif machine in ("arm64", "aarch64"):
         flags.append("-mcpu=native")
     return flags

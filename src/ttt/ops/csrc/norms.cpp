@@ -1,0 +1,160 @@
+// Row normalisations for inference on the CPU, one pass per row (a row of width D stays in L1):
+//
+//   rms_norm(x, w, eps)            y = w * (x / sqrt(mean(x^2) + eps))                  (new tensor)
+//   layer_norm_gate_(y, w, b, eps, g)
+//                                  y = (w * (y - mean) / sqrt(var + eps) + b) [* gelu_tanh(g)]  (in place)
+//
+// The PyTorch compositions they replace (ttt/ops/norm.py) make 4-6 passes over the [rows, D] tensor and
+// allocate a full-size tensor for each. No autograd: the Python side uses them only when no gradient is
+// needed. float32 / float64; x and y are contiguous [rows, D]; g is a [rows, D] view with unit feature
+// stride and any row stride (a column block of the layer's fused projection output).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+
+#include "scan_kernels.h"  // 64-byte vector helpers and the vectorised tanh-GELU
+
+namespace {
+
+using ttt_scan::hsum;
+using ttt_scan::vec_t;
+using ttt_scan::vload;
+using ttt_scan::vstore;
+using ttt_scan::VW;
+
+constexpr int64_t kGrain = 16;  // rows per task
+
+// sum of x[0..n) (sq: of x^2, or of (x - shift)^2 when shifted): four independent vector accumulators (one
+// chain of dependent adds would be latency-bound), n a multiple of the vector width
+template <typename T, bool SQ>
+inline T row_sum(const T* __restrict x, int64_t n, T shift = T(0)) {
+  constexpr int W = VW<T>;
+  vec_t<T> a[4] = {};
+  int64_t j = 0;
+  for (; j + 4 * W <= n; j += 4 * W)
+    for (int u = 0; u < 4; ++u) {
+      const vec_t<T> v = vload(x + j + u * W) - shift;
+      a[u] += SQ ? v * v : v;
+    }
+  for (; j < n; j += W) {
+    const vec_t<T> v = vload(x + j) - shift;
+    a[0] += SQ ? v * v : v;
+  }
+  return hsum<T>((a[0] + a[1]) + (a[2] + a[3]));
+}
+
+template <typename T>
+void rms_rows(const T* x, const T* w, T* y, int64_t rows, int64_t D, double eps) {
+  constexpr int W = VW<T>;
+  const int64_t Dv = D / W * W;
+  at::parallel_for(0, rows, kGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* __restrict xr = x + r * D;
+      T* __restrict yr = y + r * D;
+      T ss = row_sum<T, true>(xr, Dv);
+      int64_t j = Dv;
+      for (; j < D; ++j) ss += xr[j] * xr[j];
+      const T inv = T(1) / std::sqrt(ss / T(D) + T(eps));
+      for (j = 0; j < Dv; j += W) vstore(yr + j, vload(w + j) * (vload(xr + j) * inv));
+      for (; j < D; ++j) yr[j] = w[j] * (xr[j] * inv);
+    }
+  });
+}
+
+template <typename T>
+void ln_gate_rows(T* y, const T* w, const T* b, const T* g, int64_t gs, int64_t rows, int64_t D, double eps) {
+  constexpr int W = VW<T>;
+  const int64_t Dv = D / W * W;
+  const T c = T(ttt_scan::GELU_C), a = T(ttt_scan::GELU_A);
+  at::parallel_for(0, rows, kGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* __restrict yr = y + r * D;
+      T s = row_sum<T, false>(yr, Dv);
+      int64_t j = Dv;
+      for (; j < D; ++j) s += yr[j];
+      const T mu = s / T(D);
+      T var = row_sum<T, true>(yr, Dv, mu);
+      for (j = Dv; j < D; ++j) var += (yr[j] - mu) * (yr[j] - mu);
+      const T rstd = T(1) / std::sqrt(var / T(D) + T(eps));
+      const T* __restrict gr = g ? g + r * gs : nullptr;
+      for (j = 0; j < Dv; j += W) {
+        vec_t<T> o = (vload(yr + j) - mu) * rstd * vload(w + j) + vload(b + j);
+        if (gr) {
+          const vec_t<T> v = vload(gr + j);
+          o *= T(0.5) * v * (T(1) + ttt_scan::vtanh<T>(c * (v + a * v * (v * v))));
+        }
+        vstore(yr + j, o);
+      }
+      for (; j < D; ++j) {
+        T o = (yr[j] - mu) * rstd * w[j] + b[j];
+        if (gr) {
+          const T v = gr[j];
+          o *= T(0.5) * v * (T(1) + std::tanh(c * (v + a * v * (v * v))));
+        }
+        yr[j] = o;
+      }
+    }
+  });
+}
+
+void check_rows(const at::Tensor& x, const at::Tensor& w, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), what, ": CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, what,
+              ": float32/float64 only, got ", x.scalar_type());
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), what, ": weight dtype ", w.scalar_type(),
+              " differs from the input's ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 1 && w.size(0) == x.size(-1), what, ": weight of shape ", w.sizes(),
+              " does not fit input of shape ", x.sizes());
+  TORCH_CHECK(w.is_contiguous(), what, ": weight must be contiguous");
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, weight, "ttt_norm.rms_norm");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const int64_t D = x.size(-1), rows = D ? xc.numel() / D : 0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ttt_norm.rms_norm", [&] {
+    rms_rows<scalar_t>(xc.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, D,
+                       eps);
+  });
+  return y;
+}
+
+at::Tensor layer_norm_gate_(at::Tensor y, const at::Tensor& weight, const at::Tensor& bias, double eps,
+                            const std::optional<at::Tensor>& gate) {
+  check_rows(y, weight, "ttt_norm.layer_norm_gate_");
+  TORCH_CHECK(y.is_contiguous(), "ttt_norm.layer_norm_gate_: the normalised tensor must be contiguous");
+  TORCH_CHECK(bias.sizes() == weight.sizes() && bias.scalar_type() == weight.scalar_type() &&
+                  bias.is_contiguous() && bias.device().is_cpu(),
+              "ttt_norm.layer_norm_gate_: bias must match the weight");
+  const int64_t D = y.size(-1), rows = D ? y.numel() / D : 0;
+  const at::Tensor* g = gate.has_value() ? &gate.value() : nullptr;
+  int64_t gs = 0;
+  if (g) {
+    TORCH_CHECK(g->dim() == 2 && g->size(0) == rows && g->size(1) == D && g->stride(1) == 1 &&
+                    g->scalar_type() == y.scalar_type() && g->device().is_cpu(),
+                "ttt_norm.layer_norm_gate_: gate must be [", rows, ", ", D, "] with unit feature stride and the "
+                "same dtype, got ", g->sizes(), " strides ", g->strides(), " ", g->scalar_type());
+    gs = g->stride(0);
+  }
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "ttt_norm.layer_norm_gate_", [&] {
+    ln_gate_rows<scalar_t>(y.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+                           g ? g->data_ptr<scalar_t>() : nullptr, gs, rows, D, eps);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ttt_norm, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("layer_norm_gate_(Tensor(a!) y, Tensor weight, Tensor bias, float eps, Tensor? gate) -> Tensor(a!)");
+}
+
+TORCH_LIBRARY_IMPL(ttt_norm, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("layer_norm_gate_", &layer_norm_gate_);
+}

@@ -1,0 +1,90 @@
+"""The compiled inference normalisations against their PyTorch references.
+
+Tolerances: float64 1e-12 relative (same formulas, sums in another order; the gate's tanh is a
+polynomial accurate to ~1e-16); float32 1e-5 relative (ISSUE standard for fp32 fast paths).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttt.ops.norm import (
+    _extension,
+    gated_layer_norm_,
+    gated_layer_norm_reference,
+    rms_norm,
+    rms_norm_reference,
+)
+
+TOL = {torch.float64: {"rtol": 1e-12, "atol": 1e-12}, torch.float32: {"rtol": 1e-5, "atol": 1e-5}}
+
+
+def test_extension_builds() -> None:
+    assert _extension() is not None, "the compiled normalisations must build on this machine"
+
+
+def _inputs(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    d = shape[-1]
+    y = torch.randn(*shape, dtype=dtype, generator=g) * 3 + 0.5
+    w = torch.randn(d, dtype=dtype, generator=g)
+    b = torch.randn(d, dtype=dtype, generator=g)
+    # the gate: a column block of a wider tensor (as the layer's fused projection output)
+    wide = torch.randn(*shape[:-1], 3 * d + 5, dtype=dtype, generator=g) * 4
+    return y, w, b, wide[..., d + 3:2 * d + 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 9, 768), (1, 33, 13), (4, 1, 16), (3, 5, 100), (7, 64)])
+@pytest.mark.parametrize("gated", [False, True])
+def test_gated_layer_norm_equals_reference(dtype, shape, gated) -> None:
+    y, w, b, gate = _inputs(shape, dtype, seed=shape[-1] + gated)
+    gate = gate if gated else None
+    ref = gated_layer_norm_reference(y, w, b, 1e-6, gate)
+    buf = y.clone()
+    with torch.no_grad():
+        out = gated_layer_norm_(buf, w, b, 1e-6, gate)
+    assert out.data_ptr() == buf.data_ptr(), "CPU inference writes over the given buffer"
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 9, 768), (1, 33, 13), (4, 1, 16), (7, 100)])
+def test_rms_norm_equals_reference(dtype, shape) -> None:
+    y, w, _, _ = _inputs(shape, dtype, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(rms_norm(y, w, 1e-6), rms_norm_reference(y, w, 1e-6), **TOL[dtype])
+
+
+def test_autograd_uses_the_reference() -> None:
+    """With gradients needed, both functions are the differentiable references (and nothing is
+    overwritten)."""
+    y, w, b, gate = _inputs((2, 5, 32), torch.float64, seed=3)
+    w.requires_grad_(True)
+    before = y.clone()
+    out = gated_layer_norm_(y, w, b, 1e-6, gate)
+    assert out.requires_grad and torch.equal(y, before)
+    torch.testing.assert_close(out, gated_layer_norm_reference(before, w, b, 1e-6, gate), rtol=0, atol=0)
+    r = rms_norm(y, w)
+    assert r.requires_grad
+    torch.autograd.gradcheck(lambda w_: rms_norm(y, w_).sum(), (w,))
+
+
+def test_non_contiguous_and_other_dtypes_fall_back() -> None:
+    y, w, b, gate = _inputs((3, 4, 24), torch.float32, seed=5)
+    yt = y.transpose(0, 1)  # not contiguous: no in-place kernel, the reference result
+    with torch.no_grad():
+        ref = gated_layer_norm_reference(yt, w, b, 1e-6)
+        torch.testing.assert_close(gated_layer_norm_(yt, w, b, 1e-6), ref)
+        yb, wb = y.bfloat16(), w.bfloat16()
+        torch.testing.assert_close(rms_norm(yb, wb), rms_norm_reference(yb, wb))
+
+
+def test_bad_shapes_are_rejected_by_the_kernel() -> None:
+    ext = _extension()
+    y = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ext.rms_norm(y, torch.ones(7), 1e-6)
+    with pytest.raises(RuntimeError, match="gate must be"):
+        ext.layer_norm_gate_(y, torch.ones(8), torch.zeros(8), 1e-6, torch.randn(4, 7))
