@@ -150,6 +150,21 @@ def test_inference_fused_projections(kind, share_qk, use_gate) -> None:
         assert_rel_close(doubled, fast(x)[0], 1e-10, "hooked projection")
 
 
+@pytest.mark.parametrize("kind,share_qk,use_gate", OPTIONS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_inference_fused_post_norm_and_gate(kind, share_qk, use_gate, dtype, tol) -> None:
+    """At inference the post-norm (and gate) run as one compiled pass over the scan's output; a no-op
+    hook on ``post_norm`` turns that off (the module and ``gelu_tanh`` run): same outputs."""
+    layer, _ = make_pair(kind, share_qk, use_gate, dtype)
+    x = torch.randn(2, 37, 32, dtype=dtype)
+    with torch.no_grad():
+        fused, _ = layer(x)
+        handle = layer.post_norm.register_forward_hook(lambda mod, inp, out: None)
+        plain, _ = layer(x)
+        handle.remove()
+    assert_rel_close(fused, plain, tol, "post-norm")
+
+
 def test_inference_projections_not_fused_on_shared_storage() -> None:
     """Weights that are views into a shared buffer (FSDP's gathered parameters) can change without
     their version counter moving: those layers keep the separate projections (no cache)."""

@@ -261,9 +261,12 @@ class TTTLayer(nn.Module):
         else:
             xk = proj["k"]
 
-        gate_logits = proj["lr"].transpose(1, 2)  # [B, H, L]
-        gate_logits = gate_logits + self.learnable_ttt_lr_bias.view(1, h, 1)
-        lr = self.ttt_base_lr * torch.sigmoid(gate_logits.to(_inner_dtype(x.dtype))) / f
+        logits = proj["lr"].transpose(1, 2)  # [B, H, L], a strided view of the projection output
+        bias = self.learnable_ttt_lr_bias.view(1, h, 1)
+        if torch.is_grad_enabled():
+            lr = self.ttt_base_lr * torch.sigmoid((logits + bias).to(_inner_dtype(x.dtype))) / f
+        else:  # inference: the same arithmetic in place
+            lr = (logits + bias).to(_inner_dtype(x.dtype)).sigmoid_().mul_(self.ttt_base_lr).div_(f)
         coef = token_coefficients(self.learnable_token_idx)
         # the inner loop runs in the state's dtype (fp32 for half models): keep autocast out of it
         with torch.autocast(device_type=x.device.type, enabled=False):
