@@ -77,7 +77,11 @@ class TTTSwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled():
+            return self.down_proj(F.silu(gate) * up)
+        # inference: the same arithmetic in the gate projection's buffer (no two fresh [.., FFN] tensors)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class TTTPreConv(nn.Module):
