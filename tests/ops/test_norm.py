@@ -88,3 +88,23 @@ def test_bad_shapes_are_rejected_by_the_kernel() -> None:
         ext.rms_norm(y, torch.ones(7), 1e-6)
     with pytest.raises(RuntimeError, match="gate must be"):
         ext.layer_norm_gate_(y, torch.ones(8), torch.zeros(8), 1e-6, torch.randn(4, 7))
+
+
+def test_unbuildable_library_warns_once_and_falls_back(monkeypatch, tmp_path) -> None:
+    """Without a compiler: one RuntimeWarning naming what runs instead, then the PyTorch references."""
+    import ttt.ops.extension as extension
+    import ttt.ops.norm as norm
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TTT_EXTENSIONS_DIR", str(tmp_path / "cache"))  # nothing built there
+    monkeypatch.setattr(norm, "_EXT", [])
+    monkeypatch.delitem(extension._LOADED, "ttt_norm", raising=False)  # as in a fresh process
+    y, w, b, gate = _inputs((2, 3, 16), torch.float32, seed=1)
+    with pytest.warns(RuntimeWarning, match="compiled normalisations unavailable .*no C\\+\\+ compiler"):
+        with torch.no_grad():
+            out = rms_norm(y, w)
+    torch.testing.assert_close(out, rms_norm_reference(y, w))
+    with torch.no_grad():
+        torch.testing.assert_close(gated_layer_norm_(y.clone(), w, b, 1e-6, gate),
+                                   gated_layer_norm_reference(y, w, b, 1e-6, gate))
+    assert norm._EXT == [None]

@@ -69,8 +69,8 @@ def _fused_decoder(xq, tensors, state):
 }
 #: (module, imported module) -> the stub that replaces ``from .imported import ...`` in the copy
 _NO_BUILDER = '''\
-def load_library(*args, **kwargs):  # exported model: the extension builder is not bundled
-    raise RuntimeError("compiled extensions are not part of an exported model")
+def load_or_warn(*args, **kwargs):  # exported model: the extension builder is not bundled
+    return None
 '''
 _STUBS: dict[tuple[str, str], str] = {
     ("ttt.ops.conv", "ttt.ops.extension"): _NO_BUILDER,

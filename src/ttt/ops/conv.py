@@ -9,7 +9,6 @@ reference (with a one-time warning).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .extension import load_library
+from .extension import load_or_warn
 
 SOURCE = Path(__file__).parent / "csrc" / "causal_conv.cpp"
 _EXT: list = []  # [torch.ops.ttt_conv] once built, [None] if it cannot be built here
@@ -26,14 +25,7 @@ _EXT: list = []  # [torch.ops.ttt_conv] once built, [None] if it cannot be built
 def _extension():
     """``torch.ops.ttt_conv`` (building it on first use), or ``None`` where it cannot be built."""
     if not _EXT:
-        try:
-            load_library("ttt_conv", [SOURCE])
-            _EXT.append(torch.ops.ttt_conv)
-        except Exception as exc:  # no compiler / ninja: use the reference path
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            warnings.warn(f"compiled causal conv unavailable ({reason}); using F.conv1d",
-                          RuntimeWarning, stacklevel=3)
-            _EXT.append(None)
+        _EXT.append(load_or_warn("ttt_conv", [SOURCE], what="compiled causal conv", fallback="F.conv1d"))
     return _EXT[0]
 
 

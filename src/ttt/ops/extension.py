@@ -23,8 +23,10 @@ import shlex
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -172,3 +174,17 @@ def load_library(name: str, sources: Sequence[Path], headers: Sequence[Path] = (
     torch.ops.load_library(str(target))
     _LOADED[name] = target
     return target
+
+
+def load_or_warn(name: str, sources: Sequence[Path], headers: Sequence[Path] = (), *, what: str,
+                 fallback: str) -> Any | None:
+    """``torch.ops.<name>`` (building the library first if needed), or ``None`` where it cannot be built
+    (no compiler or ninja, a build error), with one ``RuntimeWarning``: "<what> unavailable (<reason>);
+    using <fallback>". Callers cache the result, so a machine warns once per library."""
+    try:
+        load_library(name, sources, headers)
+        return getattr(torch.ops, name)
+    except Exception as exc:  # the caller runs its PyTorch path instead
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        warnings.warn(f"{what} unavailable ({reason}); using {fallback}", RuntimeWarning, stacklevel=4)
+        return None

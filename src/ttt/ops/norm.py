@@ -14,14 +14,13 @@ the reference is used with a one-time warning.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .extension import load_library
+from .extension import load_or_warn
 from .functional import gelu_tanh
 
 CSRC = Path(__file__).parent / "csrc"
@@ -33,14 +32,8 @@ _EXT: list = []  # [torch.ops.ttt_norm] once built, [None] if it cannot be built
 def _extension():
     """``torch.ops.ttt_norm`` (building it on first use), or ``None`` where it cannot be built."""
     if not _EXT:
-        try:
-            load_library("ttt_norm", [SOURCE], [HEADER])
-            _EXT.append(torch.ops.ttt_norm)
-        except Exception as exc:  # no compiler / ninja: use the reference path
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            warnings.warn(f"compiled normalisations unavailable ({reason}); using PyTorch ops",
-                          RuntimeWarning, stacklevel=3)
-            _EXT.append(None)
+        _EXT.append(load_or_warn("ttt_norm", [SOURCE], [HEADER], what="compiled normalisations",
+                                 fallback="PyTorch ops"))
     return _EXT[0]
 
 
