@@ -36,7 +36,9 @@ _LOADED: dict[str, Path] = {}
 
 def cflags() -> list[str]:
     """``-O3`` and the build machine's own instruction set (the build runs where it is used)."""
-    flags = ["-O3", "-DNDEBUG", "-fno-math-errno"]
+    # -funroll-loops: the kernels' row loops run over runtime widths (head dim, hidden dim), which -O3
+    # alone leaves rolled (~3% of the compiled scan, 1 thread)
+    flags = ["-O3", "-DNDEBUG", "-fno-math-errno", "-funroll-loops"]
     if _openmp():
         flags.append("-fopenmp")
     machine = platform.machine().lower()
