@@ -179,14 +179,16 @@ def load_library(name: str, sources: Sequence[Path], headers: Sequence[Path] = (
 
 
 def load_or_warn(name: str, sources: Sequence[Path], headers: Sequence[Path] = (), *, what: str,
-                 fallback: str) -> Any | None:
+                 fallback: str, stacklevel: int = 4) -> Any | None:
     """``torch.ops.<name>`` (building the library first if needed), or ``None`` where it cannot be built
     (no compiler or ninja, a build error), with one ``RuntimeWarning``: "<what> unavailable (<reason>);
-    using <fallback>". Callers cache the result, so a machine warns once per library."""
+    using <fallback>", attributed ``stacklevel`` frames up (the user's call). Callers cache the result,
+    so a machine warns once per library."""
     try:
         load_library(name, sources, headers)
         return getattr(torch.ops, name)
     except Exception as exc:  # the caller runs its PyTorch path instead
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        warnings.warn(f"{what} unavailable ({reason}); using {fallback}", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"{what} unavailable ({reason}); using {fallback}", RuntimeWarning,
+                      stacklevel=stacklevel)
         return None

@@ -33,7 +33,7 @@ def _extension():
     """``torch.ops.ttt_norm`` (building it on first use), or ``None`` where it cannot be built."""
     if not _EXT:
         _EXT.append(load_or_warn("ttt_norm", [SOURCE], [HEADER], what="compiled normalisations",
-                                 fallback="PyTorch ops"))
+                                 fallback="PyTorch ops", stacklevel=5))  # rms_norm -> _compiled -> here
     return _EXT[0]
 
 
