@@ -261,12 +261,13 @@ class TTTLayer(nn.Module):
         else:
             xk = proj["k"]
 
-        logits = proj["lr"].transpose(1, 2)  # [B, H, L], a strided view of the projection output
-        bias = self.learnable_ttt_lr_bias.view(1, h, 1)
+        # [B, H, L], from a strided column block of the fused projection output
+        gate_logits = (proj["lr"].transpose(1, 2) + self.learnable_ttt_lr_bias.view(1, h, 1)).to(
+            _inner_dtype(x.dtype))
         if torch.is_grad_enabled():
-            lr = self.ttt_base_lr * torch.sigmoid((logits + bias).to(_inner_dtype(x.dtype))) / f
+            lr = self.ttt_base_lr * torch.sigmoid(gate_logits) / f
         else:  # inference: the same arithmetic in place
-            lr = (logits + bias).to(_inner_dtype(x.dtype)).sigmoid_().mul_(self.ttt_base_lr).div_(f)
+            lr = gate_logits.sigmoid_().mul_(self.ttt_base_lr).div_(f)
         coef = token_coefficients(self.learnable_token_idx)
         # the inner loop runs in the state's dtype (fp32 for half models): keep autocast out of it
         with torch.autocast(device_type=x.device.type, enabled=False):

@@ -76,16 +76,14 @@ def gated_layer_norm_(y: Tensor, weight: Tensor, bias: Tensor, eps: float, gate:
                       ) -> Tensor:
     """:func:`gated_layer_norm_reference`; for CPU inference compiled and written over ``y`` (which must
     then be the caller's own buffer: contiguous, not needed afterwards). Returns the result."""
-    params = (weight, bias) if gate is None else (weight, bias, gate)
-    ext = _compiled(y, *params) if y.is_contiguous() else None
-    g2 = None
-    if ext is not None and gate is not None:
-        if gate.shape != y.shape:
-            ext = None
-        else:  # [rows, D]: a view of the gate when its rows are evenly spaced (else a copy)
-            g2 = gate.reshape(-1, gate.shape[-1])
-            if g2.stride(-1) != 1:
-                g2 = g2.contiguous()
+    gates = () if gate is None else (gate,)
+    fits = y.is_contiguous() and (gate is None or gate.shape == y.shape)
+    ext = _compiled(y, weight, bias, *gates) if fits else None
     if ext is None:
         return gated_layer_norm_reference(y, weight, bias, eps, gate)
+    g2 = None
+    if gate is not None:  # [rows, D]: a view of the gate when its rows are evenly spaced (else a copy)
+        g2 = gate.reshape(-1, gate.shape[-1])
+        if g2.stride(-1) != 1:
+            g2 = g2.contiguous()
     return ext.layer_norm_gate_(y, weight.contiguous(), bias.contiguous(), float(eps), g2)
