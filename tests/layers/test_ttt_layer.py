@@ -165,6 +165,26 @@ def test_inference_fused_post_norm_and_gate(kind, share_qk, use_gate, dtype, tol
     assert_rel_close(fused, plain, tol, "post-norm")
 
 
+@pytest.mark.parametrize("kind,share_qk,use_gate", OPTIONS)
+def test_inference_results_do_not_alias_scratch(kind, share_qk, use_gate) -> None:
+    """Inference keeps the projections and the scan's output in reusable scratch memory: a second call
+    (other input, other length) leaves the first call's output and state untouched, and both equal the
+    autograd path's results."""
+    layer, _ = make_pair(kind, share_qk, use_gate, torch.float32)
+    x1, x2 = torch.randn(2, 37, 32), torch.randn(2, 45, 32)
+    ref1, st_ref1 = layer(x1)
+    with torch.no_grad():
+        out1, st1 = layer(x1)
+        kept = (out1.clone(), *(t.clone() for t in st1.inner.weights()))
+        out2, _ = layer(x2)
+    ref2, _ = layer(x2)
+    assert torch.equal(out1, kept[0])
+    assert all(torch.equal(a, b) for a, b in zip(st1.inner.weights(), kept[1:], strict=True))
+    assert_rel_close(out1, ref1.detach(), 1e-5, "first call")
+    assert_rel_close(out2, ref2.detach(), 1e-5, "second call")
+    assert_rel_close(st1.inner.W1, st_ref1.inner.W1.detach(), 1e-5, "state")
+
+
 def test_inference_projections_not_fused_on_shared_storage() -> None:
     """Weights that are views into a shared buffer (FSDP's gathered parameters) can change without
     their version counter moving: those layers keep the separate projections (no cache)."""

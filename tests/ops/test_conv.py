@@ -86,3 +86,29 @@ def test_fallback_when_extension_unavailable(monkeypatch) -> None:
     monkeypatch.setattr(conv, "_EXT", [None])
     x, w = torch.randn(1, 5, 4), torch.randn(4, 1, 4)
     torch.testing.assert_close(conv.causal_conv1d(x, w)[0], causal_conv1d_reference(x, w)[0])
+
+
+@pytest.mark.parametrize("path", ["compiled", "compiled-grad", "reference"])
+def test_out_buffer(monkeypatch, path) -> None:
+    """``out=``: y lands in the given tensor and is returned as it, bit-identical to a fresh y, written
+    directly without autograd and copied in with it or on the reference path; the new state is its own
+    memory; a wrong buffer is refused with its description."""
+    import ttt.ops.conv as conv
+
+    if path == "reference":
+        monkeypatch.setattr(conv, "_EXT", [None])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 9, 6, dtype=torch.float64, generator=g, requires_grad=path == "compiled-grad")
+    w = torch.randn(6, 1, 4, dtype=torch.float64, generator=g)
+    b = torch.randn(6, dtype=torch.float64, generator=g)
+    state = torch.randn(2, 6, 3, dtype=torch.float64, generator=g)
+    y_ref, st_ref = conv.causal_conv1d(x, w, b, state)
+    buf = torch.full((2, 9, 6), float("nan"), dtype=torch.float64)
+    y, st = conv.causal_conv1d(x, w, b, state, out=buf)
+    assert y.data_ptr() == buf.data_ptr() and torch.equal(y, y_ref) and torch.equal(st, st_ref)
+    assert st.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()
+    if path == "compiled-grad":
+        assert y.requires_grad
+    for bad in (buf[:, :-1].clone(), buf.float(), buf.transpose(0, 1).contiguous().transpose(0, 1)):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            conv.causal_conv1d(x, w, b, state, out=bad)

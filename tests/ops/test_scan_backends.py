@@ -246,6 +246,45 @@ def test_heads_fused_reads_strided_projections(heads_calls, mlp) -> None:
 
 
 @pytest.mark.parametrize("mlp", [False, True], ids=["linear", "mlp"])
+@pytest.mark.parametrize("path", ["fused", "fused-grad", "composed"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_heads_out_buffer(heads_calls, mlp, path, dtype) -> None:
+    """``out=``: the result lands in the given tensor (returned as it), bit-identical to a fresh output,
+    on the fused pass written in place (with and without autograd) and on the composed one (ragged rows)
+    copied in; a badly shaped, typed or laid-out buffer is refused with its description."""
+    inputs, weights = make_inputs(2, 3, 37, 16, 8, mlp, seed=5, dtype=dtype)
+    inputs = [t.transpose(1, 2).contiguous() if i < 3 else t for i, t in enumerate(inputs)]
+    state = InnerState.from_weights(tuple(w.clone().requires_grad_(path == "fused-grad") for w in weights), 2)
+    lengths = torch.tensor([37, 20]) if path == "composed" else None
+    with torch.set_grad_enabled(path == "fused-grad"):
+        ref, st_ref = ttt_dual_heads(*inputs, state, THETA, lengths, backend="cpp")
+        buf = torch.full_like(inputs[0], float("nan"))
+        out, st = ttt_dual_heads(*inputs, state, THETA, lengths, backend="cpp", out=buf)
+    assert out.data_ptr() == buf.data_ptr() and torch.equal(out, ref) and torch.equal(st.W1, st_ref.W1)
+    assert len(heads_calls) == (0 if path == "composed" else 2)
+    for bad in (inputs[0][:, :-1].clone(), inputs[0].to(torch.float16), inputs[0].transpose(0, 1).contiguous()
+                .transpose(0, 1)):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            ttt_dual_heads(*inputs, state, THETA, lengths, backend="cpp", out=bad)
+
+
+def test_heads_forward_op_checks_out() -> None:
+    """The compiled op refuses an ``out`` of the wrong shape (the Python layer above checks first)."""
+    impl = _backend("cpp")
+    inputs, weights = make_inputs(1, 2, 8, 16, 4, False, seed=6)
+    xq, xk, xv = (t.transpose(1, 2).contiguous() for t in inputs[:3])
+    cos, sin = torch.ones(4, 16, dtype=torch.float64), torch.zeros(4, 16, dtype=torch.float64)
+    inner = InnerState.from_weights(tuple(weights), 1)
+    state = tuple(t.reshape(2, *t.shape[2:]) for t in inner.weights() + inner.grads())
+    args = (xq, xk, xv, inputs[3], inputs[4], inputs[5], inputs[6], cos, sin,
+            torch.full((2,), 2, dtype=torch.long), state, 1, False)
+    out, *_ = impl.heads_forward(*args, out=torch.empty_like(xq))
+    assert out.shape == xq.shape
+    with pytest.raises(RuntimeError, match="out must have shape"):
+        impl.heads_forward(*args, out=torch.empty(1, 8, 2, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mlp", [False, True], ids=["linear", "mlp"])
 def test_heads_fused_without_autograd_is_the_same(heads_calls, mlp) -> None:
     """The inference pass (no checkpoints, no saved Zbar) gives bit-identical outputs and state."""
     inputs, weights = make_inputs(2, 2, 30, 8, 4, mlp, seed=4)

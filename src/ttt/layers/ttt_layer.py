@@ -17,6 +17,7 @@ from ..ops.norm import gated_layer_norm_
 from ..ops.reference import ttt_reference
 from ..ops.scan import BACKENDS
 from ..ops.state import InnerState
+from ..ops.workspace import scratch
 
 LayerType = Literal["linear", "mlp"]
 
@@ -244,9 +245,18 @@ class TTTLayer(nn.Module):
             state = self.init_state(bsz, device=x.device)
         h, f = self.num_heads, self.head_dim
 
+        # inference on the CPU: the big intermediates in reusable huge-page scratch (ttt.ops.workspace);
+        # none of them leaves this call
+        reuse = not torch.is_grad_enabled() and x.device.type == "cpu"
         if self.fuse_projections and not torch.is_grad_enabled() and self._plain_projections():
             # inference: the projections of x (q, k, v, gate, learning-rate gate) as one GEMM
-            projs = F.linear(x, self._fused_input_weight()).split(self._fused_input_sizes(), dim=-1)
+            w = self._fused_input_weight()
+            if reuse:
+                buf = scratch("ttt.layer.projections", (bsz, length, len(w)), x.dtype)
+                y = torch.matmul(x, w.t(), out=buf)
+            else:
+                y = F.linear(x, w)
+            projs = y.split(self._fused_input_sizes(), dim=-1)
             proj = dict(zip(self._fused_input_names(), projs, strict=True))
         else:
             proj = {"q": self.q_proj(x), "v": self.v_proj(x),
@@ -256,8 +266,11 @@ class TTTLayer(nn.Module):
         xq, xv = proj["q"], proj["v"]
         conv_q_state = conv_k_state = None
         if self.share_qk:
-            xk, conv_k_state = causal_conv1d(xq, self.conv_k.weight, self.conv_k.bias, state.conv_k, lengths)
-            xq, conv_q_state = causal_conv1d(xq, self.conv_q.weight, self.conv_q.bias, state.conv_q, lengths)
+            bufs = [scratch(f"ttt.layer.conv_{n}", xq.shape, xq.dtype) if reuse else None for n in "kq"]
+            xk, conv_k_state = causal_conv1d(xq, self.conv_k.weight, self.conv_k.bias, state.conv_k, lengths,
+                                             bufs[0])
+            xq, conv_q_state = causal_conv1d(xq, self.conv_q.weight, self.conv_q.bias, state.conv_q, lengths,
+                                             bufs[1])
         else:
             xk = proj["k"]
 
@@ -273,9 +286,11 @@ class TTTLayer(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.impl == "dual" and length != 1:  # [B, L, H, F] views in, [B, L, H, F] out
                 xq, xk, xv = (t.view(bsz, length, h, f) for t in (xq, xk, xv))
+                buf = scratch("ttt.layer.scan_out", xq.shape, xq.dtype) if reuse else None
                 out, inner = ttt_dual_heads(xq, xk, xv, lr, coef, self.ttt_norm_weight, self.ttt_norm_bias,
                                             state.inner, self.rope_theta, lengths,
-                                            remat_group_size=self.remat_group_size, backend=self.scan_backend)
+                                            remat_group_size=self.remat_group_size, backend=self.scan_backend,
+                                            out=buf)
             else:
                 xq, xk, xv = (t.view(bsz, length, h, f).transpose(1, 2) for t in (xq, xk, xv))
                 positions = (state.inner.pos.view(bsz, 1) + torch.arange(length, device=x.device)) \

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .extension import load_or_warn
+from .workspace import check_out
 
 SOURCE = Path(__file__).parent / "csrc" / "causal_conv.cpp"
 _EXT: list = []  # [torch.ops.ttt_conv] once built, [None] if it cannot be built here
@@ -97,16 +98,21 @@ def causal_conv1d(
     bias: Tensor | None = None,
     state: Tensor | None = None,
     lengths: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Depthwise causal conv over ``x [B, L, D]`` with kernel ``weight [D, 1, K]``.
 
     ``state [B, D, K-1]`` holds the previous K-1 inputs (zeros at a sequence start). With ``lengths``,
     only the first ``lengths[r]`` tokens of row ``r`` are real; the returned state then holds the last
     K-1 *real* inputs, so padding never leaks into later calls. Returns ``(y [B, L, D], new_state)``.
+    With ``out`` (a contiguous tensor shaped and typed like ``x``, not overlapping it) ``y`` is written
+    there and returned as ``out``.
     """
     b, length, d = _check(x, weight, state)
+    check_out(out, x)
     if x.device.type != "cpu" or length == 0 or _extension() is None:
-        return causal_conv1d_reference(x, weight, bias, state, lengths)
+        y, new_state = causal_conv1d_reference(x, weight, bias, state, lengths)
+        return (y if out is None else out.copy_(y)), new_state
     k = weight.shape[-1]
     dtype = x.dtype
     w = weight.to(dtype).reshape(d, k)
@@ -114,7 +120,14 @@ def causal_conv1d(
     bias = None if bias is None else bias.to(dtype)
     if x.stride(-1) != 1:  # the compiled forward reads any [B, L, D] view with unit channel stride
         x = x.contiguous()
-    y = _CausalConvFunction.apply(x, st, w.contiguous(), bias)
+    w = w.contiguous()
+    if out is not None and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, st, w, bias))):
+        y = _extension().forward(x, st, w, bias, out)  # no autograd: straight into the caller's buffer
+    else:
+        y = _CausalConvFunction.apply(x, st, w, bias)
+        if out is not None:
+            y = out.copy_(y)
     if k == 1:
         return y, x.new_zeros(b, d, 0)
     return y, _new_state(x, x.new_zeros(b, d, k - 1) if state is None else state, k, lengths)

@@ -21,6 +21,7 @@ from .functional import layer_norm, rope_adjacent
 from .scan import ttt_scan
 from .scan.fused import fused_backend, ttt_dual_heads_fused
 from .state import InnerState
+from .workspace import check_out
 
 
 def _validate(xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, coef: Tensor, ln_w: Tensor, ln_b: Tensor,
@@ -193,23 +194,31 @@ def ttt_dual_heads_composed(
 def ttt_dual_heads(
     xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, coef: Tensor, ln_w: Tensor, ln_b: Tensor,
     state: InnerState, rope_theta: float, lengths: Tensor | None = None, remat_group_size: int = 0,
-    backend: str | None = None,
+    backend: str | None = None, out: Tensor | None = None,
 ) -> tuple[Tensor, InnerState]:
     """The TTT layer's inner part on head-interleaved projections ``xq, xk, xv [B, L, H, F]``.
 
     Rotates q and k (rotary embedding with base ``rope_theta`` at each token's position inside its
     mini-batch) and runs :func:`ttt_dual` (other arguments as there). Returns ``(out [B, L, H, F], state)``,
     ``out`` in the input's dtype. One fused compiled pass where :func:`ttt.ops.scan.fused.fused_backend`
-    allows, else :func:`ttt_dual_heads_composed`.
+    allows, else :func:`ttt_dual_heads_composed`. With ``out`` (a contiguous tensor shaped and typed like
+    ``xq``, not overlapping the inputs) the result is written there and ``out`` is returned; the fused
+    pass then writes it directly (no autograd, the input's dtype the inner one).
     """
     if xq.dim() != 4 or xk.shape != xq.shape or xv.shape != xq.shape:
         raise ValueError(f"xq/xk/xv must be [batch, length, heads, head_dim] alike, got {tuple(xq.shape)}, "
                          f"{tuple(xk.shape)}, {tuple(xv.shape)}")
     _validate(*(t.transpose(1, 2) for t in (xq, xk, xv)), lr, coef, ln_w, ln_b, state, lengths)
+    check_out(out, xq)
     impl = fused_backend(xq, coef, state, lengths, backend)
     if impl is None:
-        return ttt_dual_heads_composed(xq, xk, xv, lr, coef, ln_w, ln_b, state, rope_theta, lengths,
-                                       remat_group_size, backend)
-    out, new = ttt_dual_heads_fused(impl, xq, xk, xv, lr, coef, ln_w, ln_b, state, rope_theta,
-                                    remat_group_size)
-    return out.to(xq.dtype), new
+        res, new = ttt_dual_heads_composed(xq, xk, xv, lr, coef, ln_w, ln_b, state, rope_theta, lengths,
+                                           remat_group_size, backend)
+    else:
+        direct = out if out is not None and out.dtype == state.W1.dtype else None
+        res, new = ttt_dual_heads_fused(impl, xq, xk, xv, lr, coef, ln_w, ln_b, state, rope_theta,
+                                        remat_group_size, direct)
+        res = res.to(xq.dtype)
+    if out is not None and res.data_ptr() != out.data_ptr():
+        res = out.copy_(res)
+    return res, new

@@ -145,10 +145,19 @@ void check(const at::Tensor& x, const at::Tensor& w, bool strided = false) {
 }  // namespace
 
 at::Tensor causal_conv_forward(const at::Tensor& x, const std::optional<at::Tensor>& state,
-                               const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+                               const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& out) {
   check(x, w, true);  // x may be a column block of a wider [B, L, *] tensor (the layer's fused projections)
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2), K = w.size(1);
-  auto y = at::empty({B, L, D}, x.options());
+  at::Tensor y;
+  if (out) {  // the caller's buffer (e.g. reused scratch memory at inference)
+    y = *out;
+    TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type() && y.device().is_cpu() &&
+                    y.is_contiguous(),
+                "causal_conv: out must be a contiguous CPU tensor shaped and typed like x, got ", y.sizes());
+  } else {
+    y = at::empty({B, L, D}, x.options());
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "causal_conv_forward", [&] {
     forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), state ? state->data_ptr<scalar_t>() : nullptr,
                              w.data_ptr<scalar_t>(), bias ? bias->data_ptr<scalar_t>() : nullptr,
@@ -176,7 +185,8 @@ std::vector<at::Tensor> causal_conv_backward(const at::Tensor& x, const std::opt
 }
 
 TORCH_LIBRARY(ttt_conv, m) {
-  m.def("forward(Tensor x, Tensor? state, Tensor w, Tensor? bias) -> Tensor", &causal_conv_forward);
+  m.def("forward(Tensor x, Tensor? state, Tensor w, Tensor? bias, Tensor? out=None) -> Tensor",
+        &causal_conv_forward);
   m.def("backward(Tensor x, Tensor? state, Tensor w, Tensor dy, bool has_bias) -> Tensor[]",
         &causal_conv_backward);
 }

@@ -84,9 +84,10 @@ def _rope_features(f: int, b: int, theta: float, dtype: torch.dtype, device: tor
 
 def ttt_dual_heads_fused(impl: ScanBackend, xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, coef: Tensor,
                          ln_w: Tensor, ln_b: Tensor, state: InnerState, rope_theta: float,
-                         remat_group_size: int = 0) -> tuple[Tensor, InnerState]:
+                         remat_group_size: int = 0, out: Tensor | None = None) -> tuple[Tensor, InnerState]:
     """Same contract as :func:`ttt.ops.dual.ttt_dual_heads` (without ``lengths``), in one pass of
-    ``impl`` (from :func:`fused_backend`)."""
+    ``impl`` (from :func:`fused_backend`); the output in the inner state's dtype. Without autograd, a
+    given ``out`` (contiguous ``[B, L, H, F]`` of that dtype) receives it and is returned."""
     bsz, length, heads, f = xq.shape
     inner = state.W1.dtype
     b = coef.shape[0]
@@ -105,7 +106,7 @@ def ttt_dual_heads_fused(impl: ScanBackend, xq: Tensor, xk: Tensor, xv: Tensor, 
         out, *final = _HeadsFunction.apply(impl, group, cos, sin, n_complete, *tensors)
     else:
         out, final, _, _ = impl.heads_forward(xq, xk, xv, lr, coef, ln_w, ln_b, cos, sin, n_complete, init,
-                                              group, False)
+                                              group, False, out)
     final = [t.reshape(bsz, heads, *t.shape[1:]) for t in final]
     n_w = len(final) // 2
     pos = torch.full((bsz,), length % b, dtype=torch.long, device=xq.device)

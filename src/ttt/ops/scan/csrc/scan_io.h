@@ -87,8 +87,8 @@ template <typename T> struct HeadsIo {
   Strided<T> dxq{nullptr, 0, 0, 0}, dxk{nullptr, 0, 0, 0}, dxv{nullptr, 0, 0, 0};
   T *dlr = nullptr, *dlnb = nullptr;  // dlr [R, L]; d ln_b [R, F] per row
 
-  // buffer: K, Q, S, Z (or dOut), dZbar, dk, dq, ds [b x F]; lr, dlr [b]
-  static long buf_size(const Dims& d) { return 8 * d.b * d.F + 2 * d.b; }
+  // buffer: K, Q, S, Z (or dOut), dZbar, dk, dq, ds [b x F]; lr, dlr, mean, rstd [b]
+  static long buf_size(const Dims& d) { return 8 * d.b * d.F + 4 * d.b; }
 
   void begin_row(const Dims& d, long r) const { std::fill(dlnb + r * d.F, dlnb + (r + 1) * d.F, T(0)); }
 
@@ -105,20 +105,19 @@ template <typename T> struct HeadsIo {
     }
   }
 
-  // Software prefetch of this row's next mini-batch (q, k, v, and out for writing): the driver visits it
-  // after the other rows of this thread (tens of microseconds later, so it waits in L2). Each token's
-  // head slice is a few lines in a different page (rows are L * NH * F apart), which the hardware
-  // prefetchers do not follow.
-  void prefetch_next(const Dims& d, long r, long m) const {
-    const long b = d.b, F = d.F, bi = r / NH, h = r % NH;
+  // Software prefetch of token t's slices (q, k, v, and out for writing) for this row's next mini-batch:
+  // the driver visits it after the other rows of this thread (tens of microseconds later, so it waits
+  // in L2). Each token's head slice is a few lines in a different page (rows are L * NH * F apart),
+  // which the hardware prefetchers do not follow. One token's worth per token loaded, spread through
+  // the loads rather than in one burst, which left the loads waiting behind the prefetches.
+  void prefetch(long bi, long t, long h, long F) const {
     constexpr long LINE = 64 / sizeof(T);
-    for (long t = (m + 1) * b; t < std::min((m + 2) * b, L); ++t)
-      for (long j = 0; j < F; j += LINE) {
-        __builtin_prefetch(xq.at(bi, t, h) + j);
-        __builtin_prefetch(xk.at(bi, t, h) + j);
-        __builtin_prefetch(xv.at(bi, t, h) + j);
-        if (out.p) __builtin_prefetch(out.at(bi, t, h) + j, 1);
-      }
+    for (long j = 0; j < F; j += LINE) {
+      __builtin_prefetch(xq.at(bi, t, h) + j);
+      __builtin_prefetch(xk.at(bi, t, h) + j);
+      __builtin_prefetch(xv.at(bi, t, h) + j);
+      if (out.p) __builtin_prefetch(out.at(bi, t, h) + j, 1);
+    }
   }
 
   Mb<T> load(const Dims& d, long r, long m, T* buf) const {
@@ -135,6 +134,7 @@ template <typename T> struct HeadsIo {
         LR[i] = T(0);
         continue;
       }
+      if (t + b < L) prefetch(bi, t + b, h, F);
       rope(F, i, xk.at(bi, t, h), ki, false);
       rope(F, i, xq.at(bi, t, h), qi, false);
       const T* __restrict vi = xv.at(bi, t, h);
@@ -143,7 +143,6 @@ template <typename T> struct HeadsIo {
       for (long j = 0; j < F; ++j) sr[j] = lb[j] - (vi[j] - kr[j]);
       LR[i] = lr[r * L + t];
     }
-    prefetch_next(d, r, m);
     return Mb<T>{K, Q, S, LR, coef, lnw + h * F, false, false};
   }
 
@@ -152,17 +151,19 @@ template <typename T> struct HeadsIo {
   }
 
   // out = Q + ln_w * xhat(Zbar) + ln_b for the real tokens
-  void emit(const Dims& d, long r, long m, const Mb<T>& mb, const T* z, T*) const {
+  void emit(const Dims& d, long r, long m, const Mb<T>& mb, const T* z, T* buf) const {
     const long b = d.b, F = d.F, bi = r / NH, h = r % NH;
     const T* __restrict w = lnw + h * F;
     const T* __restrict lb = lnb + h * F;
-    for (long i = 0; i < b && m * b + i < L; ++i) {
+    const long n = std::min(b, L - m * b);  // real tokens
+    T* mu = buf + 8 * b * F + 2 * b;        // [b] each
+    T* rs = mu + b;
+    ln_stats_rows(n, F, z, mu, rs);
+    for (long i = 0; i < n; ++i) {
       const T* __restrict zi = z + i * F;
       const T* __restrict qi = mb.Q + i * F;
-      T mu, rs;
-      ln_stats(F, zi, mu, rs);
       T* __restrict o = out.at(bi, m * b + i, h);
-      for (long j = 0; j < F; ++j) o[j] = qi[j] + ((zi[j] - mu) * rs * w[j] + lb[j]);
+      for (long j = 0; j < F; ++j) o[j] = qi[j] + ((zi[j] - mu[i]) * rs[i] * w[j] + lb[j]);
     }
   }
 

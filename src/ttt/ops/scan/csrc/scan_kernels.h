@@ -38,8 +38,26 @@ template <typename T> inline vec_t<T> vsplat(T a) {
   for (int i = 0; i < VW<T>; ++i) v[i] = a;
   return v;
 }
-// horizontal sum: fold the 64-byte vector in halves (vector adds), then add the last 16 bytes' lanes
+// horizontal sum: fold the 64-byte vector in halves (vector adds), then add the last 16 bytes' lanes in
+// order; with register shuffles where the compiler has them (no trip through memory)
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define TTT_HAVE_SHUFFLEVECTOR 1
+#endif
+#endif
 template <typename T> inline T hsum(vec_t<T> v) {
+#ifdef TTT_HAVE_SHUFFLEVECTOR
+  if constexpr (sizeof(T) == 4) {
+    const auto h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const auto q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return ((q[0] + q[1]) + q[2]) + q[3];
+  } else {
+    const auto h = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+    const auto q = __builtin_shufflevector(h, h, 0, 1) + __builtin_shufflevector(h, h, 2, 3);
+    return q[0] + q[1];
+  }
+#else
   typedef T H __attribute__((vector_size(32)));
   typedef T Q __attribute__((vector_size(16)));
   H lo, hi;
@@ -50,10 +68,42 @@ template <typename T> inline T hsum(vec_t<T> v) {
   std::memcpy(&ql, &h, 16);
   std::memcpy(&qh, reinterpret_cast<const char*>(&h) + 16, 16);
   const Q q = ql + qh;
-  T s = 0;
-  for (int i = 0; i < int(16 / sizeof(T)); ++i) s += q[i];
+  T s = q[0];
+  for (int i = 1; i < int(16 / sizeof(T)); ++i) s += q[i];
+  return s;
+#endif
+}
+
+// Horizontal sums of W vectors at once: lane i of the result = the sum of v[i]'s lanes (v is overwritten).
+// Per-row statistics (LayerNorm over a token's features) computed one row at a time each end in a
+// horizontal sum, a chain of shuffles and scalar adds whose latency the core cannot hide when every row
+// waits on its own; folding W rows' partial-sum vectors together (log2 W butterfly stages, pairs of
+// two-source permutes) gives all W sums in one vector for about the cost of two chains.
+#if defined(__GNUC__) && !defined(__clang__)
+template <typename T, int H> inline void fold_lanes(vec_t<T>* r) {
+  typedef ivec_t<T> IV;
+  constexpr int W = VW<T>;
+  IV lo, hi;  // within each 2H-lane block: first half from r[q]'s halves, second from r[q + H]'s
+  for (int j = 0; j < W; ++j) {
+    const int blk = j / H, base = (blk % 2 ? W : 0) + (blk / 2) * 2 * H + j % H;
+    lo[j] = base;
+    hi[j] = base + H;
+  }
+  for (int q = 0; q < H; ++q)
+    r[q] = __builtin_shuffle(r[q], r[q + H], lo) + __builtin_shuffle(r[q], r[q + H], hi);
+  if constexpr (H > 1) fold_lanes<T, H / 2>(r);
+}
+template <typename T> inline vec_t<T> sum_lanes(vec_t<T>* v) {
+  fold_lanes<T, VW<T> / 2>(v);
+  return v[0];
+}
+#else
+template <typename T> inline vec_t<T> sum_lanes(vec_t<T>* v) {
+  vec_t<T> s;
+  for (int i = 0; i < VW<T>; ++i) s[i] = hsum<T>(v[i]);
   return s;
 }
+#endif
 
 // ------------------------------------------------------------------------------------------------
 // matmul: C (M x N) = beta * D + alpha * A (M x K) B (K x N), D = C unless given (same layout as C)
@@ -278,10 +328,21 @@ template <typename T> inline void copy_to(const T* src, T* dst, long n) {
 }
 
 // out[j] (+)= sum_i x[i, j] over rows of a (rows x cols) matrix
+// (explicit vectors: written as a plain double loop, the compiler cannot rule out out aliasing x)
 template <typename T> inline void colsum(long rows, long cols, const T* x, T* out, T alpha, bool beta) {
+  constexpr int W = VW<T>;
   if (!beta) std::fill(out, out + cols, T(0));
-  for (long i = 0; i < rows; ++i)
-    for (long j = 0; j < cols; ++j) out[j] += alpha * x[i * cols + j];
+  long j = 0;
+  for (; j + W <= cols; j += W) {
+    vec_t<T> a = vload(out + j);
+    for (long i = 0; i < rows; ++i) a += alpha * vload(x + i * cols + j);
+    vstore(out + j, a);
+  }
+  for (; j < cols; ++j) {
+    T a = out[j];
+    for (long i = 0; i < rows; ++i) a += alpha * x[i * cols + j];
+    out[j] = a;
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -366,36 +427,56 @@ void ln_grad(long b, long F, const T* __restrict z, const T* __restrict s, const
   const T invf = T(1) / T(F);
   constexpr int W = VW<T>;
   typedef vec_t<T> V;
-  if (F % W == 0) {  // whole vectors: explicit SIMD, no per-row loop peeling or alias checks
-    for (long i = 0; i < b; ++i) {
-      const T* zi = z + i * F;
-      const T* si = s + i * F;
-      T* xi = xhat + i * F;
-      T* yi = gy + i * F;
-      T* gi = G + i * F;
-      V a = {};
-      for (long j = 0; j < F; j += W) a += vload(zi + j);
-      const T mu = hsum<T>(a) * invf;
-      V a2 = {};
-      for (long j = 0; j < F; j += W) {
-        const V x = vload(zi + j) - mu;
-        vstore(xi + j, x);
-        a2 += x * x;
+  if (F % W == 0) {  // whole vectors, W rows at a time (their sums folded together: sum_lanes)
+    alignas(64) T mu[W], r[W], m1[W], m2[W];
+    V acc[W], acc2[W];
+    for (long i0 = 0; i0 < b; i0 += W) {
+      const long n = std::min<long>(W, b - i0);
+      for (long i = 0; i < W; ++i) {
+        V a = {};
+        if (i < n)
+          for (long j = 0; j < F; j += W) a += vload(z + (i0 + i) * F + j);
+        acc[i] = a;
       }
-      const T r = T(1) / std::sqrt(hsum<T>(a2) * invf + T(LN_EPS));
-      rstd[i] = r;
-      V s1 = {}, s2 = {};
-      for (long j = 0; j < F; j += W) {
-        const V x = vload(xi + j) * r;
-        const V w = vload(lnw + j);
-        const V y = w * (w * x + vload(si + j));
-        vstore(xi + j, x);
-        vstore(yi + j, y);
-        s1 += y;
-        s2 += y * x;
+      vstore(mu, sum_lanes<T>(acc) * invf);
+      for (long i = 0; i < W; ++i) {
+        V a = {};
+        if (i < n)
+          for (long j = 0; j < F; j += W) {
+            const long o = (i0 + i) * F + j;
+            const V x = vload(z + o) - mu[i];
+            vstore(xhat + o, x);
+            a += x * x;
+          }
+        acc[i] = a;
       }
-      const T m1 = hsum<T>(s1) * invf, m2 = hsum<T>(s2) * invf;
-      for (long j = 0; j < F; j += W) vstore(gi + j, r * (vload(yi + j) - m1 - vload(xi + j) * m2));
+      const V var = sum_lanes<T>(acc) * invf;
+      for (int l = 0; l < W; ++l) r[l] = T(1) / std::sqrt(var[l] + T(LN_EPS));
+      for (long i = 0; i < W; ++i) {
+        V a = {}, c = {};
+        if (i < n)
+          for (long j = 0; j < F; j += W) {
+            const long o = (i0 + i) * F + j;
+            const V x = vload(xhat + o) * r[i];
+            const V w = vload(lnw + j);
+            const V y = w * (w * x + vload(s + o));
+            vstore(xhat + o, x);
+            vstore(gy + o, y);
+            a += y;
+            c += y * x;
+          }
+        acc[i] = a;
+        acc2[i] = c;
+      }
+      vstore(m1, sum_lanes<T>(acc) * invf);
+      vstore(m2, sum_lanes<T>(acc2) * invf);
+      for (long i = 0; i < n; ++i) {
+        rstd[i0 + i] = r[i];
+        for (long j = 0; j < F; j += W) {
+          const long o = (i0 + i) * F + j;
+          vstore(G + o, r[i] * (vload(gy + o) - m1[i] - vload(xhat + o) * m2[i]));
+        }
+      }
     }
     return;
   }
@@ -508,6 +589,44 @@ template <typename T> inline void ln_stats(long F, const T* z, T& mu, T& rstd) {
   T var = hsum<T>(a);
   for (; j < F; ++j) var += (z[j] - mu) * (z[j] - mu);
   rstd = T(1) / std::sqrt(var / T(F) + T(LN_EPS));
+}
+
+// ln_stats of n rows z[i * F .. (i + 1) * F) at once (F a multiple of W: W rows' sums folded together);
+// other widths row by row
+template <typename T> inline void ln_stats_rows(long n, long F, const T* z, T* mu, T* rstd) {
+  constexpr int W = VW<T>;
+  typedef vec_t<T> V;
+  if (F % W != 0) {
+    for (long i = 0; i < n; ++i) ln_stats(F, z + i * F, mu[i], rstd[i]);
+    return;
+  }
+  const T invf = T(1) / T(F);
+  V acc[W];
+  alignas(64) T m[W];
+  for (long i0 = 0; i0 < n; i0 += W) {
+    const long k = std::min<long>(W, n - i0);
+    for (long i = 0; i < W; ++i) {
+      V a = {};
+      if (i < k)
+        for (long j = 0; j < F; j += W) a += vload(z + (i0 + i) * F + j);
+      acc[i] = a;
+    }
+    vstore(m, sum_lanes<T>(acc) * invf);
+    for (long i = 0; i < W; ++i) {
+      V a = {};
+      if (i < k)
+        for (long j = 0; j < F; j += W) {
+          const V x = vload(z + (i0 + i) * F + j) - m[i];
+          a += x * x;
+        }
+      acc[i] = a;
+    }
+    const V var = sum_lanes<T>(acc) * invf;
+    for (long i = 0; i < k; ++i) {
+      mu[i0 + i] = m[i];
+      rstd[i0 + i] = T(1) / std::sqrt(var[i] + T(LN_EPS));
+    }
+  }
 }
 
 // E[i, j] = coef_i * lr_j for j <= i, else 0; out[i, j] = E[i, j] * (x[i, j] + 1) (x may equal out)

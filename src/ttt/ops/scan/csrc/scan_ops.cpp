@@ -205,11 +205,17 @@ std::vector<at::Tensor> heads_forward(const at::Tensor& xq, const at::Tensor& xk
                                       const at::Tensor& lr, const at::Tensor& coef, const at::Tensor& ln_w,
                                       const at::Tensor& ln_b, const at::Tensor& cos, const at::Tensor& sin,
                                       const at::Tensor& n_complete, std::vector<at::Tensor> state, int64_t group,
-                                      bool save) {
+                                      bool save, const std::optional<at::Tensor>& out_buf) {
   const HeadsDims h = check_heads(xq, xk, xv, lr, coef, ln_w, ln_b, cos, sin, n_complete, state, group, 0);
   const Dims& d = h.d;
   const long n_groups = (d.N + group - 1) / group;
-  at::Tensor out = at::empty({h.B, h.L, h.NH, d.F}, xq.options());
+  at::Tensor out;
+  if (out_buf) {  // the caller's buffer (e.g. reused scratch memory at inference)
+    out = *out_buf;
+    check_tensor(out, "out", xq.scalar_type(), {h.B, h.L, h.NH, d.F});
+  } else {
+    out = at::empty({h.B, h.L, h.NH, d.F}, xq.options());
+  }
   at::Tensor zsave = save ? at::empty({d.R, d.N, d.b, d.F}, xq.options()) : at::empty({0}, xq.options());
   // checkpoint the accumulators only where they can be non-zero at a checkpoint (see scan_driver.h):
   // a training step starts from zero accumulators and closes every mini-batch but the last, so its
@@ -305,7 +311,8 @@ TORCH_LIBRARY(ttt_scan, m) {
         "Tensor[] saved, int group, Tensor d_zbar, Tensor[] d_final) -> Tensor[]",
         &ttt_scan::scan_backward);
   m.def("heads_forward(Tensor xq, Tensor xk, Tensor xv, Tensor lr, Tensor coef, Tensor ln_w, Tensor ln_b, "
-        "Tensor cos, Tensor sin, Tensor n_complete, Tensor[] state, int group, bool save) -> Tensor[]",
+        "Tensor cos, Tensor sin, Tensor n_complete, Tensor[] state, int group, bool save, Tensor? out=None) "
+        "-> Tensor[]",
         &ttt_scan::heads_forward);
   m.def("heads_backward(Tensor xq, Tensor xk, Tensor xv, Tensor lr, Tensor coef, Tensor ln_w, Tensor ln_b, "
         "Tensor cos, Tensor sin, Tensor n_complete, Tensor[] saved, Tensor zbar, int group, Tensor d_out, "
