@@ -105,6 +105,36 @@ template <typename T> inline vec_t<T> sum_lanes(vec_t<T>* v) {
 }
 #endif
 
+// lane i = the sum of row i of z (k <= W rows of F elements, F a multiple of W); lanes from k on are 0
+template <typename T> inline vec_t<T> row_sums(long k, long F, const T* z) {
+  constexpr int W = VW<T>;
+  vec_t<T> acc[W];
+  for (long i = 0; i < W; ++i) {
+    vec_t<T> a = {};
+    if (i < k)
+      for (long j = 0; j < F; j += W) a += vload(z + i * F + j);
+    acc[i] = a;
+  }
+  return sum_lanes<T>(acc);
+}
+
+// lane i = sum_j (z[i, j] - mu[i])^2 over the same rows; the centred values go to xc where given
+template <typename T> inline vec_t<T> row_sq_devs(long k, long F, const T* z, const T* mu, T* xc) {
+  constexpr int W = VW<T>;
+  vec_t<T> acc[W];
+  for (long i = 0; i < W; ++i) {
+    vec_t<T> a = {};
+    if (i < k)
+      for (long j = 0; j < F; j += W) {
+        const vec_t<T> x = vload(z + i * F + j) - mu[i];
+        if (xc) vstore(xc + i * F + j, x);
+        a += x * x;
+      }
+    acc[i] = a;
+  }
+  return sum_lanes<T>(acc);
+}
+
 // ------------------------------------------------------------------------------------------------
 // matmul: C (M x N) = beta * D + alpha * A (M x K) B (K x N), D = C unless given (same layout as C)
 //   A(i, k) = A[i * ars + k * acs] (any strides: transposed operands are free)
@@ -432,25 +462,8 @@ void ln_grad(long b, long F, const T* __restrict z, const T* __restrict s, const
     V acc[W], acc2[W];
     for (long i0 = 0; i0 < b; i0 += W) {
       const long n = std::min<long>(W, b - i0);
-      for (long i = 0; i < W; ++i) {
-        V a = {};
-        if (i < n)
-          for (long j = 0; j < F; j += W) a += vload(z + (i0 + i) * F + j);
-        acc[i] = a;
-      }
-      vstore(mu, sum_lanes<T>(acc) * invf);
-      for (long i = 0; i < W; ++i) {
-        V a = {};
-        if (i < n)
-          for (long j = 0; j < F; j += W) {
-            const long o = (i0 + i) * F + j;
-            const V x = vload(z + o) - mu[i];
-            vstore(xhat + o, x);
-            a += x * x;
-          }
-        acc[i] = a;
-      }
-      const V var = sum_lanes<T>(acc) * invf;
+      vstore(mu, row_sums<T>(n, F, z + i0 * F) * invf);
+      const V var = row_sq_devs<T>(n, F, z + i0 * F, mu, xhat + i0 * F) * invf;
       for (int l = 0; l < W; ++l) r[l] = T(1) / std::sqrt(var[l] + T(LN_EPS));
       for (long i = 0; i < W; ++i) {
         V a = {}, c = {};
@@ -601,27 +614,11 @@ template <typename T> inline void ln_stats_rows(long n, long F, const T* z, T* m
     return;
   }
   const T invf = T(1) / T(F);
-  V acc[W];
   alignas(64) T m[W];
   for (long i0 = 0; i0 < n; i0 += W) {
     const long k = std::min<long>(W, n - i0);
-    for (long i = 0; i < W; ++i) {
-      V a = {};
-      if (i < k)
-        for (long j = 0; j < F; j += W) a += vload(z + (i0 + i) * F + j);
-      acc[i] = a;
-    }
-    vstore(m, sum_lanes<T>(acc) * invf);
-    for (long i = 0; i < W; ++i) {
-      V a = {};
-      if (i < k)
-        for (long j = 0; j < F; j += W) {
-          const V x = vload(z + (i0 + i) * F + j) - m[i];
-          a += x * x;
-        }
-      acc[i] = a;
-    }
-    const V var = sum_lanes<T>(acc) * invf;
+    vstore(m, row_sums<T>(k, F, z + i0 * F) * invf);
+    const V var = row_sq_devs<T>(k, F, z + i0 * F, m, static_cast<T*>(nullptr)) * invf;
     for (long i = 0; i < k; ++i) {
       mu[i0 + i] = m[i];
       rstd[i0 + i] = T(1) / std::sqrt(var[i] + T(LN_EPS));
