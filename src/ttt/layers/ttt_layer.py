@@ -245,10 +245,11 @@ class TTTLayer(nn.Module):
             state = self.init_state(bsz, device=x.device)
         h, f = self.num_heads, self.head_dim
 
+        inference = not torch.is_grad_enabled()
         # inference on the CPU: the big intermediates in reusable huge-page scratch (ttt.ops.workspace);
         # none of them leaves this call
-        reuse = not torch.is_grad_enabled() and x.device.type == "cpu"
-        if self.fuse_projections and not torch.is_grad_enabled() and self._plain_projections():
+        reuse = inference and x.device.type == "cpu"
+        if self.fuse_projections and inference and self._plain_projections():
             # inference: the projections of x (q, k, v, gate, learning-rate gate) as one GEMM
             w = self._fused_input_weight()
             if reuse:
@@ -277,10 +278,10 @@ class TTTLayer(nn.Module):
         # [B, H, L], from a strided column block of the fused projection output
         gate_logits = (proj["lr"].transpose(1, 2) + self.learnable_ttt_lr_bias.view(1, h, 1)).to(
             _inner_dtype(x.dtype))
-        if torch.is_grad_enabled():
-            lr = self.ttt_base_lr * torch.sigmoid(gate_logits) / f
-        else:  # inference: the same arithmetic in place
+        if inference:  # the same arithmetic in place
             lr = gate_logits.sigmoid_().mul_(self.ttt_base_lr).div_(f)
+        else:
+            lr = self.ttt_base_lr * torch.sigmoid(gate_logits) / f
         coef = token_coefficients(self.learnable_token_idx)
         # the inner loop runs in the state's dtype (fp32 for half models): keep autocast out of it
         with torch.autocast(device_type=x.device.type, enabled=False):

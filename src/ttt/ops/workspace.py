@@ -20,6 +20,7 @@ The ops that take such a buffer (``out=``) check it with :func:`check_out`.
 
 from __future__ import annotations
 
+import math
 import mmap
 import threading
 from collections.abc import Sequence
@@ -32,14 +33,15 @@ _ALIGN = 1 << 21  # 2 MiB: the huge-page size on x86-64 and arm64 Linux
 _local = threading.local()
 
 
-def _buffers() -> dict[str, tuple[mmap.mmap, Tensor]]:
+def _buffers() -> dict[str, Tensor]:
     if not hasattr(_local, "buffers"):
         _local.buffers = {}
     return _local.buffers
 
 
-def _new_buffer(nbytes: int) -> tuple[mmap.mmap, Tensor]:
-    """An anonymous mapping of at least ``nbytes`` from a 2 MiB boundary, advised for huge pages."""
+def _new_buffer(nbytes: int) -> Tensor:
+    """A byte tensor over an anonymous mapping of at least ``nbytes`` from a 2 MiB boundary, advised for
+    huge pages (the tensor keeps the mapping alive)."""
     size = -(-nbytes // _ALIGN) * _ALIGN
     # private anonymous memory: a shared mapping (mmap's default) is shmem, which THP usually skips
     private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
@@ -52,7 +54,7 @@ def _new_buffer(nbytes: int) -> tuple[mmap.mmap, Tensor]:
     with torch.inference_mode(False):
         raw = torch.frombuffer(mm, dtype=torch.uint8)
     offset = -raw.data_ptr() % _ALIGN
-    return mm, raw[offset:offset + size]
+    return raw[offset:offset + size]
 
 
 def scratch(slot: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
@@ -61,18 +63,15 @@ def scratch(slot: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
     Valid until the next :func:`scratch` call for ``slot`` on this thread (which reuses the memory).
     """
     shape = tuple(int(s) for s in shape)
-    numel = 1
-    for s in shape:
-        numel *= s
-    nbytes = numel * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > MAX_BYTES:
         return torch.empty(shape, dtype=dtype)
     buffers = _buffers()
-    entry = buffers.get(slot)
-    if entry is None or entry[1].numel() < nbytes:
-        entry = buffers[slot] = _new_buffer(max(nbytes, 1))
+    buf = buffers.get(slot)
+    if buf is None or buf.numel() < nbytes:
+        buf = buffers[slot] = _new_buffer(max(nbytes, 1))
     with torch.inference_mode(False):  # a normal tensor even when asked for inside inference mode
-        return entry[1][:nbytes].view(dtype).view(shape)
+        return buf[:nbytes].view(dtype).view(shape)
 
 
 def check_out(out: Tensor | None, like: Tensor) -> None:
