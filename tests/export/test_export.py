@@ -150,6 +150,9 @@ def test_bundle_is_generated_from_the_package() -> None:
 
     # the compiled conv / Triton decode are switched off by generated overrides, the builder is stubbed
     assert "def _extension():" in files["ops_conv.py"].rsplit("exported model", 1)[1]
+    for name in ("ops_norm.py", "ops_swiglu.py"):
+        assert "def _extension():" in files[name].rsplit("exported model", 1)[1], name
+        assert "from .ops_extension" not in files[name], name
     assert "def _fused_decoder(" in files["ops_decode.py"].rsplit("exported model", 1)[1]
     assert "ops_extension.py" not in files and "from .ops_extension" not in files["ops_conv.py"]
 

@@ -1,7 +1,8 @@
-"""The compiled inference normalisations against their PyTorch references.
+"""The compiled normalisations against their PyTorch references.
 
 Tolerances: float64 1e-12 relative (same formulas, sums in another order; the gate's tanh is a
-polynomial accurate to ~1e-16); float32 1e-5 relative (ISSUE standard for fp32 fast paths).
+polynomial accurate to ~1e-16); float32 1e-5 relative (ISSUE standard for fp32 fast paths), for the
+float32 training RMSNorm against the float64 formula (its own rounding, about 1e-7).
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def test_rms_norm_equals_reference(dtype, shape) -> None:
 
 
 def test_autograd_uses_the_reference() -> None:
-    """With gradients needed, both functions are the differentiable references (and nothing is
-    overwritten)."""
+    """With gradients needed in float64, both functions are the differentiable references (and nothing
+    is overwritten)."""
     y, w, b, gate = _inputs((2, 5, 32), torch.float64, seed=3)
     w.requires_grad_(True)
     before = y.clone()
@@ -69,6 +70,63 @@ def test_autograd_uses_the_reference() -> None:
     r = rms_norm(y, w)
     assert r.requires_grad
     torch.autograd.gradcheck(lambda w_: rms_norm(y, w_).sum(), (w,))
+
+
+def _rms_formula(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 768), (1, 33, 13), (4, 1, 16), (600, 20), (3, 257, 48)])
+@pytest.mark.parametrize("needs", ["both", "x", "weight"])
+def test_rms_norm_training_equals_the_formula(shape, needs) -> None:
+    """float32 training: the compiled Function's output and gradients equal the float64 formula's
+    autograd (rows over several 256-row weight blocks, widths that are not a multiple of the vector)."""
+    x, w, _, _ = _inputs(shape, torch.float32, seed=shape[0] + shape[-1])
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    xa, wa = x.clone().requires_grad_(needs != "weight"), w.clone().requires_grad_(needs != "x")
+    y = rms_norm(xa, wa)
+    assert type(y.grad_fn).__name__ == "_RMSNormFunctionBackward"
+    y.backward(dy)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = _rms_formula(x64, w64)
+    ref.backward(dy.double())
+    tol = {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(y.double(), ref, **tol)
+    if needs != "weight":
+        torch.testing.assert_close(xa.grad.double(), x64.grad, **tol)
+    else:
+        assert xa.grad is None
+    if needs != "x":
+        torch.testing.assert_close(wa.grad.double(), w64.grad, rtol=1e-5, atol=1e-5 * shape[0])
+    else:
+        assert wa.grad is None
+
+
+def test_rms_norm_training_weight_grad_does_not_depend_on_threads() -> None:
+    """d weight sums fixed 256-row blocks in order: bit-identical for any thread count."""
+    x, w, _, _ = _inputs((1000, 64), torch.float32, seed=2)
+    dy = torch.randn(1000, 64, generator=torch.Generator().manual_seed(3))
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            wa = w.clone().requires_grad_()
+            rms_norm(x, wa).backward(dy)
+            grads.append(wa.grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_rms_norm_backward_checks_its_inputs() -> None:
+    ext = _extension()
+    x, w = torch.randn(4, 8), torch.ones(8)
+    _, rstd = ext.rms_norm_forward(x, w, 1e-6)
+    with pytest.raises(RuntimeError, match="rstd must hold one"):
+        ext.rms_norm_backward(torch.randn(4, 8), x, w, rstd[:3])
+    with pytest.raises(RuntimeError, match="does not match x"):
+        ext.rms_norm_backward(torch.randn(4, 7), x, w, rstd)
 
 
 def test_non_contiguous_and_other_dtypes_fall_back() -> None:

@@ -27,7 +27,6 @@ import tempfile
 from dataclasses import fields, is_dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -45,6 +44,7 @@ from ..ops.layout import (
     real_token_mask,
 )
 from ..ops.norm import rms_norm
+from ..ops.swiglu import swiglu
 from .cache_ttt import CACHE_KEY, TTTCache
 from .configuration_ttt import TTTConfig
 from .training_run import find_training_checkpoint, verify_weights
@@ -78,10 +78,8 @@ class TTTSwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if torch.is_grad_enabled():
-            return self.down_proj(F.silu(gate) * up)
-        # inference: the same arithmetic in the gate projection's buffer (no two fresh [.., FFN] tensors)
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        # inference: in the gate projection's buffer (no fresh [.., FFN] tensor)
+        return self.down_proj(swiglu(gate, up, inplace=not torch.is_grad_enabled()))
 
 
 class TTTPreConv(nn.Module):

@@ -16,8 +16,8 @@ compiler, Triton or the C++ sources neither builds, warns nor fails:
 * the causal conv (``ops/conv.py``) gets an ``_extension`` that returns ``None``, so it always runs
   :func:`ttt.ops.conv.causal_conv1d_reference`, and its import of the extension builder
   (``ops/extension.py``) is replaced by a stub, so the builder is not bundled;
-* the normalisations (``ops/norm.py``) likewise get an ``_extension`` that returns ``None`` (their PyTorch
-  references run) and the builder stub;
+* the normalisations (``ops/norm.py``) and the SwiGLU gate (``ops/swiglu.py``) likewise get an
+  ``_extension`` that returns ``None`` (their PyTorch references run) and the builder stub;
 * the decode step (``ops/decode.py``) gets a ``_fused_decoder`` that returns ``None`` (the PyTorch step).
 
 Each hook names what it replaces; if the package's module no longer defines it, generating the bundle
@@ -61,6 +61,11 @@ def _extension():
     """The exported copy never builds the compiled normalisations: the PyTorch references run."""
     return None
 '''),
+    "ttt.ops.swiglu": (("def _extension(", "def swiglu_reference(", "if ext is None:"), _BANNER + '''\
+def _extension():
+    """The exported copy never builds the compiled SwiGLU: the PyTorch reference runs."""
+    return None
+'''),
     "ttt.ops.decode": (("def _fused_decoder(", "fused = _fused_decoder("), _BANNER + '''\
 def _fused_decoder(xq, tensors, state):
     """The exported copy always takes the PyTorch decode step (the Triton kernels are not bundled)."""
@@ -75,6 +80,7 @@ def load_or_warn(*args, **kwargs):  # exported model: the extension builder is n
 _STUBS: dict[tuple[str, str], str] = {
     ("ttt.ops.conv", "ttt.ops.extension"): _NO_BUILDER,
     ("ttt.ops.norm", "ttt.ops.extension"): _NO_BUILDER,
+    ("ttt.ops.swiglu", "ttt.ops.extension"): _NO_BUILDER,
 }
 
 

@@ -1,15 +1,19 @@
 """Row normalisations of the TTT model: RMSNorm, and the TTT layer's output LayerNorm fused with its gate.
 
-Each has a readable PyTorch reference and, for inference on the CPU (no gradient needed, float32 /
-float64), a compiled kernel (``csrc/norms.cpp``, ``torch.ops.ttt_norm``) that makes one pass per row
-instead of the reference's 4-6 passes over full-size tensors:
+Each has a readable PyTorch reference and, on the CPU, a compiled kernel (``csrc/norms.cpp``,
+``torch.ops.ttt_norm``) that makes one pass per row instead of the reference's 4-6 passes over
+full-size tensors (each a fresh allocation):
 
-* :func:`rms_norm`: ``weight * x / sqrt(mean(x^2) + eps)``, computed in float32 (compiled for float32);
+* :func:`rms_norm`: ``weight * x / sqrt(mean(x^2) + eps)``, computed in float32; compiled for float32,
+  for inference and for training (an autograd Function whose backward is one compiled pass as well:
+  with ``g = weight * dy`` and ``xhat = x * rstd``, ``dx = rstd * (g - xhat * mean(g * xhat))`` and
+  ``dweight = sum over rows of dy * xhat``). At 8k tokens and width 512 its forward and backward took
+  about a third of the reference's time on the project's CPU, a tenth of a training step;
 * :func:`gated_layer_norm_`: ``LayerNorm(y) * weight + bias``, times ``gelu_tanh(gate)`` when a gate is
-  given; the compiled path writes the result over ``y`` (the caller owns that buffer).
+  given; compiled for inference (float32 / float64), written over ``y`` (the caller owns that buffer).
 
-Training (autograd) and other devices / dtypes use the reference. Where the library cannot be built
-the reference is used with a one-time warning.
+Other devices / dtypes, and training of the gated LayerNorm, use the reference. Where the library
+cannot be built the reference is used with a one-time warning.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .extension import load_or_warn
 from .functional import gelu_tanh
@@ -37,13 +42,18 @@ def _extension():
     return _EXT[0]
 
 
-def _compiled(x: Tensor, *params: Tensor):
-    """The compiled library when it applies to these tensors (CPU, float32/64, no autograd), else None."""
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _compiled(x: Tensor, *params: Tensor, autograd: bool = False):
+    """The compiled library when it applies to these tensors (CPU, float32/64; without autograd unless
+    the caller differentiates it itself), else None."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0:
         return None
     if any(p.dtype != x.dtype or p.device != x.device for p in params):
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+    if not autograd and _needs_grad(x, *params):
         return None
     return _extension()
 
@@ -57,11 +67,31 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     return weight * h.to(dtype)
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """The compiled RMSNorm with its compiled backward (saves ``x`` and each row's ``rstd``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        x, weight = x.contiguous(), weight.contiguous()
+        y, rstd = _extension().rms_norm_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _extension().rms_norm_backward(dy.contiguous(), x, weight, rstd)
+        return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), None
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
-    """:func:`rms_norm_reference`, compiled for float32 CPU inference."""
-    ext = _compiled(x, weight) if x.dtype == torch.float32 else None
+    """:func:`rms_norm_reference`, compiled for float32 on the CPU (inference and training)."""
+    ext = _compiled(x, weight, autograd=True) if x.dtype == torch.float32 else None
     if ext is None:
         return rms_norm_reference(x, weight, eps)
+    if _needs_grad(x, weight):
+        return _RMSNormFunction.apply(x, weight, float(eps))
     return ext.rms_norm(x, weight.contiguous(), float(eps))
 
 

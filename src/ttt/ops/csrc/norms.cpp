@@ -1,19 +1,27 @@
-// Row normalisations for inference on the CPU, one pass per row (a row of width D stays in L1):
+// Row normalisations on the CPU, one pass per row (a row of width D stays in L1):
 //
 //   rms_norm(x, w, eps)            y = w * (x / sqrt(mean(x^2) + eps))                  (new tensor)
+//   rms_norm_forward(x, w, eps)    (y, rstd): the same y and each row's 1 / sqrt(mean(x^2) + eps)
+//   rms_norm_backward(dy, x, w, rstd)
+//                                  (dx, dw): with g = w * dy and xhat = x * rstd,
+//                                  dx = rstd * (g - xhat * mean(g * xhat)), dw = sum over rows of dy * xhat
 //   layer_norm_gate_(y, w, b, eps, g)
 //                                  y = (w * (y - mean) / sqrt(var + eps) + b) [* gelu_tanh(g)]  (in place)
 //
 // The PyTorch compositions they replace (ttt/ops/norm.py) make 4-6 passes over the [rows, D] tensor and
-// allocate a full-size tensor for each. No autograd: the Python side uses them only when no gradient is
-// needed. float32 / float64; x and y are contiguous [rows, D]; g is a [rows, D] view with unit feature
-// stride and any row stride (a column block of the layer's fused projection output).
+// allocate a full-size tensor for each (and as many again in their autograd backward). No autograd here:
+// the Python side wraps the forward / backward pair in an autograd Function. float32 / float64; x, y and
+// dy are contiguous [rows, D]; g is a [rows, D] view with unit feature stride and any row stride (a
+// column block of the layer's fused projection output).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <algorithm>
 #include <optional>
+#include <tuple>
+#include <vector>
 
 #include "scan_kernels.h"  // 64-byte vector helpers and the vectorised tanh-GELU
 
@@ -46,8 +54,9 @@ inline T row_sum(const T* __restrict x, int64_t n, T shift = T(0)) {
   return hsum<T>((a[0] + a[1]) + (a[2] + a[3]));
 }
 
+// rstd: each row's 1 / rms, or null
 template <typename T>
-void rms_rows(const T* x, const T* w, T* y, int64_t rows, int64_t D, double eps) {
+void rms_rows(const T* x, const T* w, T* y, T* rstd, int64_t rows, int64_t D, double eps) {
   constexpr int W = VW<T>;
   const int64_t Dv = D / W * W;
   at::parallel_for(0, rows, kGrain, [&](int64_t r0, int64_t r1) {
@@ -58,10 +67,55 @@ void rms_rows(const T* x, const T* w, T* y, int64_t rows, int64_t D, double eps)
       int64_t j = Dv;
       for (; j < D; ++j) ss += xr[j] * xr[j];
       const T inv = T(1) / std::sqrt(ss / T(D) + T(eps));
+      if (rstd) rstd[r] = inv;
       for (j = 0; j < Dv; j += W) vstore(yr + j, vload(w + j) * (vload(xr + j) * inv));
       for (; j < D; ++j) yr[j] = w[j] * (xr[j] * inv);
     }
   });
+}
+
+constexpr int64_t kWeightBlock = 256;  // rows whose d weight is summed together (then blocks in order)
+
+// dx per row; dw: the rows' sum of dy * xhat, summed per block of kWeightBlock rows into part [blocks, D] and
+// then over the blocks in order (the same result for any thread count)
+template <typename T>
+void rms_rows_backward(const T* dy, const T* x, const T* w, const T* rstd, T* dx, T* dw, int64_t rows, int64_t D) {
+  constexpr int W = VW<T>;
+  const int64_t Dv = D / W * W;
+  const int64_t blocks = (rows + kWeightBlock - 1) / kWeightBlock;
+  std::vector<T> part(blocks * D, T(0));
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bl = b0; bl < b1; ++bl) {
+      T* __restrict pw = part.data() + bl * D;
+      for (int64_t r = bl * kWeightBlock; r < std::min(rows, (bl + 1) * kWeightBlock); ++r) {
+        const T* __restrict xr = x + r * D;
+        const T* __restrict gr = dy + r * D;
+        T* __restrict dr = dx + r * D;
+        const T rs = rstd[r];
+        // mean(g * xhat) = rstd * sum(w * dy * x) / D
+        vec_t<T> a[2] = {};
+        int64_t j = 0;
+        for (; j + 2 * W <= Dv; j += 2 * W)
+          for (int u = 0; u < 2; ++u) a[u] += vload(w + j + u * W) * vload(gr + j + u * W) * vload(xr + j + u * W);
+        for (; j < Dv; j += W) a[0] += vload(w + j) * vload(gr + j) * vload(xr + j);
+        T s = hsum<T>(a[0] + a[1]);
+        for (j = Dv; j < D; ++j) s += w[j] * gr[j] * xr[j];
+        const T c = s * rs * rs / T(D);  // mean(g * xhat) / rstd
+        for (j = 0; j < Dv; j += W) {
+          const vec_t<T> xv = vload(xr + j), gv = vload(gr + j);
+          vstore(dr + j, rs * (vload(w + j) * gv - xv * c));
+          vstore(pw + j, vload(pw + j) + gv * (xv * rs));
+        }
+        for (; j < D; ++j) {
+          dr[j] = rs * (w[j] * gr[j] - xr[j] * c);
+          pw[j] += gr[j] * (xr[j] * rs);
+        }
+      }
+    }
+  });
+  std::fill(dw, dw + D, T(0));
+  for (int64_t bl = 0; bl < blocks; ++bl)
+    for (int64_t j = 0; j < D; ++j) dw[j] += part[bl * D + j];
 }
 
 template <typename T>
@@ -111,16 +165,50 @@ void check_rows(const at::Tensor& x, const at::Tensor& w, const char* what) {
   TORCH_CHECK(w.is_contiguous(), what, ": weight must be contiguous");
 }
 
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, weight, "ttt_norm.rms_norm_forward");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const int64_t D = x.size(-1), rows = D ? xc.numel() / D : 0;
+  at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ttt_norm.rms_norm_forward", [&] {
+    rms_rows<scalar_t>(xc.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                       rstd.data_ptr<scalar_t>(), rows, D, eps);
+  });
+  return {y, rstd};
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rows(x, weight, "ttt_norm.rms_norm");
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty_like(xc);
   const int64_t D = x.size(-1), rows = D ? xc.numel() / D : 0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ttt_norm.rms_norm", [&] {
-    rms_rows<scalar_t>(xc.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, D,
-                       eps);
+    rms_rows<scalar_t>(xc.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), nullptr,
+                       rows, D, eps);
   });
   return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x,
+                                                     const at::Tensor& weight, const at::Tensor& rstd) {
+  check_rows(x, weight, "ttt_norm.rms_norm_backward");
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.device().is_cpu(),
+              "ttt_norm.rms_norm_backward: dy of shape ", dy.sizes(), " and dtype ", dy.scalar_type(),
+              " does not match x of shape ", x.sizes(), " and dtype ", x.scalar_type());
+  const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
+  TORCH_CHECK(rstd.numel() == rows && rstd.scalar_type() == x.scalar_type() && rstd.is_contiguous(),
+              "ttt_norm.rms_norm_backward: rstd must hold one ", x.scalar_type(), " per row (", rows, "), got ",
+              rstd.sizes(), " ", rstd.scalar_type());
+  const at::Tensor xc = x.contiguous(), dyc = dy.contiguous();
+  at::Tensor dx = at::empty_like(xc);
+  at::Tensor dw = at::empty_like(weight);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ttt_norm.rms_norm_backward", [&] {
+    rms_rows_backward<scalar_t>(dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                                rstd.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), rows,
+                                D);
+  });
+  return {dx, dw};
 }
 
 at::Tensor layer_norm_gate_(at::Tensor y, const at::Tensor& weight, const at::Tensor& bias, double eps,
@@ -151,10 +239,14 @@ at::Tensor layer_norm_gate_(at::Tensor y, const at::Tensor& weight, const at::Te
 
 TORCH_LIBRARY(ttt_norm, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rms_norm_forward(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
   m.def("layer_norm_gate_(Tensor(a!) y, Tensor weight, Tensor bias, float eps, Tensor? gate) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(ttt_norm, CPU, m) {
   m.impl("rms_norm", &rms_norm);
+  m.impl("rms_norm_forward", &rms_norm_forward);
+  m.impl("rms_norm_backward", &rms_norm_backward);
   m.impl("layer_norm_gate_", &layer_norm_gate_);
 }
