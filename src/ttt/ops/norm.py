@@ -10,9 +10,13 @@ full-size tensors (each a fresh allocation):
   ``dweight = sum over rows of dy * xhat``). At 8k tokens and width 512 its forward and backward took
   about a third of the reference's time on the project's CPU, a tenth of a training step;
 * :func:`gated_layer_norm_`: ``LayerNorm(y) * weight + bias``, times ``gelu_tanh(gate)`` when a gate is
-  given; compiled for inference (float32 / float64), written over ``y`` (the caller owns that buffer).
+  given (the TTT layer's post-norm and output gate); compiled (float32 / float64) for inference, written
+  over ``y`` (the caller owns that buffer), and for training as an autograd Function whose backward is
+  one pass per row: with ``xhat = (y - mean) * rstd``, ``n = weight * xhat + bias`` and
+  ``dn = dout * gelu_tanh(gate)``, ``d gate = dout * n * gelu_tanh'(gate)``, ``d weight = sum dn * xhat``,
+  ``d bias = sum dn`` and ``dy = rstd * (weight dn - mean(weight dn) - xhat * mean(weight dn * xhat))``.
 
-Other devices / dtypes, and training of the gated LayerNorm, use the reference. Where the library
+Other devices and dtypes use the references. Where the library
 cannot be built the reference is used with a one-time warning.
 """
 
@@ -102,11 +106,40 @@ def gated_layer_norm_reference(y: Tensor, weight: Tensor, bias: Tensor, eps: flo
     return out if gate is None else gelu_tanh(gate) * out
 
 
+class _GatedLayerNormFunction(torch.autograd.Function):
+    """The compiled gated LayerNorm with its compiled backward (saves the input, the gate and each row's
+    mean and rstd)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, weight: Tensor, bias: Tensor, eps: float, gate: Tensor | None) -> Tensor:
+        y, weight, bias = y.contiguous(), weight.contiguous(), bias.contiguous()
+        gate = None if gate is None else gate.contiguous()
+        out, mean, rstd = _extension().layer_norm_gate_forward(y, weight, bias, eps, gate)
+        ctx.save_for_backward(y, weight, bias, gate, mean, rstd)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout: Tensor):
+        y, weight, bias, gate, mean, rstd = ctx.saved_tensors
+        dy, dw, db, dg = _extension().layer_norm_gate_backward(dout.contiguous(), y, weight, bias, gate, mean,
+                                                               rstd)
+        need = ctx.needs_input_grad
+        return (dy if need[0] else None, dw if need[1] else None, db if need[2] else None, None,
+                dg if need[4] else None)
+
+
 def gated_layer_norm_(y: Tensor, weight: Tensor, bias: Tensor, eps: float, gate: Tensor | None = None
                       ) -> Tensor:
-    """:func:`gated_layer_norm_reference`; for CPU inference compiled and written over ``y`` (which must
-    then be the caller's own buffer: contiguous, not needed afterwards). Returns the result."""
+    """:func:`gated_layer_norm_reference`, compiled on the CPU (float32 / float64). Without gradients the
+    result is written over ``y`` (which must then be the caller's own buffer: contiguous, not needed
+    afterwards); with gradients it is a new tensor from an autograd Function with a compiled backward.
+    Returns the result."""
     gates = () if gate is None else (gate,)
+    if gate is None or gate.shape == y.shape:
+        ext = _compiled(y, weight, bias, *gates, autograd=True)
+        if ext is not None and _needs_grad(y, weight, bias, *gates):
+            return _GatedLayerNormFunction.apply(y, weight, bias, float(eps), gate)
     fits = y.is_contiguous() and (gate is None or gate.shape == y.shape)
     ext = _compiled(y, weight, bias, *gates) if fits else None
     if ext is None:
