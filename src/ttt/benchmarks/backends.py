@@ -35,7 +35,15 @@ import torch
 from ..layers import TTTMLP, TTTLinear
 from ..models.registry import build_model
 from ..ops.scan import BACKENDS, backend_status
-from .common import RESULTS_DIR, machine_info, markdown_table, matmul_peak_gflops, sync, write_results
+from .common import (
+    RESULTS_DIR,
+    gc_paused,
+    machine_info,
+    markdown_table,
+    matmul_peak_gflops,
+    sync,
+    write_results,
+)
 from .layer_speed import CausalSelfAttention, ttt_linear_forward_flops
 from .train_speed import train_step_fn
 
@@ -44,17 +52,19 @@ TRAIN_SHAPE = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads"
 
 
 def _rounds(cands: dict[str, Callable[[], Any]], rounds: int, device: torch.device) -> dict[str, list[float]]:
-    """One warm-up call each, then ``rounds`` rounds of one timed call per candidate."""
+    """One warm-up call each, then ``rounds`` rounds of one timed call per candidate (each with the garbage
+    collector paused, as ``timeit`` does: a collection's cost lands on no candidate)."""
     times: dict[str, list[float]] = {name: [] for name in cands}
     for fn in cands.values():
         fn()
         sync(device)
     for _ in range(rounds):
         for name, fn in cands.items():
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+            with gc_paused():
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
     return times
 
 

@@ -3,12 +3,14 @@ result files."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,24 @@ def sync(device: torch.device | str | None = None) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off inside (as ``timeit`` times), after one collection, so a
+    timed call never pays for a collection of garbage that other code left; back on afterwards."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def time_fn(fn: Callable[[], Any], reps: int = 3, warmup: int = 1, device: torch.device | str | None = None,
             budget_s: float = 30.0) -> dict[str, float]:
-    """Run ``fn`` ``warmup`` times, then up to ``reps`` timed times (fewer if a run exceeds ``budget_s``).
+    """Run ``fn`` ``warmup`` times, then up to ``reps`` timed times (fewer if a run exceeds ``budget_s``),
+    each with the garbage collector paused (:func:`gc_paused`).
 
     Returns min / median seconds over the timed runs.
     """
@@ -40,10 +57,11 @@ def time_fn(fn: Callable[[], Any], reps: int = 3, warmup: int = 1, device: torch
     times = []
     n = reps if last * reps <= budget_s else 1
     for _ in range(max(n, 1)):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+        with gc_paused():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
     return {"min_s": min(times), "median_s": statistics.median(times), "runs": len(times)}
 
 

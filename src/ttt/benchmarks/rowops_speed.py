@@ -25,7 +25,7 @@ import torch
 
 from ..ops.norm import gated_layer_norm_, gated_layer_norm_reference, rms_norm, rms_norm_reference
 from ..ops.swiglu import swiglu, swiglu_reference
-from .common import RESULTS_DIR, machine_info, markdown_table, write_results
+from .common import RESULTS_DIR, gc_paused, machine_info, markdown_table, write_results
 
 
 def _cases(length: int, width: int, ffn: int) -> dict[str, tuple[Callable, Callable, list[torch.Tensor]]]:
@@ -73,9 +73,10 @@ def run(lengths: list[int], width: int, ffn: int, rounds: int) -> list[dict[str,
             fn()
         for _ in range(rounds):
             for k, fn in cands.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
+                with gc_paused():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t0)
         for (op, impl, mode), ts in times.items():
             if impl == "compiled":
                 ref_ms = 1e3 * statistics.median(times[(op, "reference", mode)])

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..ops.scan import BACKENDS, default_group, get_backend
-from .common import RESULTS_DIR, machine_info, markdown_table, write_results
+from .common import RESULTS_DIR, gc_paused, machine_info, markdown_table, write_results
 
 
 def scan_inputs(rows: int, n_mb: int, mb: int, f: int, mlp: bool, seed: int = 0) -> tuple[Any, ...]:
@@ -83,9 +83,10 @@ def run(lengths: list[int], backends: list[str], rounds: int, heads: int, head_d
     times: dict[tuple, list[float]] = {key: [] for key in cases}
     for _ in range(rounds):
         for key, fn in cases.items():
-            t0 = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - t0)
+            with gc_paused():
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
     best = {key: min(v) for key, v in times.items()}
     peak = 2 * 2048**3 / best[("peak",)] / 1e9
     print(f"dense matmul peak: {peak:.1f} GFLOP/s")

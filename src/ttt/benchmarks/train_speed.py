@@ -27,7 +27,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ttt.benchmarks.common import RESULTS_DIR, machine_info, markdown_table, sync, time_fn, write_results
+from ttt.benchmarks.common import (
+    RESULTS_DIR,
+    gc_paused,
+    machine_info,
+    markdown_table,
+    sync,
+    time_fn,
+    write_results,
+)
 from ttt.models.registry import ARCHS, build_model
 
 DEFAULT_LENGTHS = (2048, 8192)
@@ -157,10 +165,11 @@ def measure_interleaved(
         for arch, step in list(steps.items()):
             try:
                 sync(device)
-                t0 = time.perf_counter()
-                step()
-                sync(device)
-                times[arch].append(time.perf_counter() - t0)
+                with gc_paused():
+                    t0 = time.perf_counter()
+                    step()
+                    sync(device)
+                    times[arch].append(time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001
                 errors[arch] = f"{type(e).__name__}: {e}"
                 steps.pop(arch)
