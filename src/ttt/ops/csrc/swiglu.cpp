@@ -13,11 +13,8 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdint>
-#include <limits>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 
 #include "scan_kernels.h"  // 64-byte vector helpers and the vectorised exp
 
@@ -36,10 +33,7 @@ constexpr int64_t kGrain = 1 << 14;  // elements per task
 template <typename T> inline vec_t<T> vsigmoid(vec_t<T> g) {
   typedef vec_t<T> V;
   typedef ivec_t<T> IV;
-  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type I;
-  IV sign;
-  for (int i = 0; i < VW<T>; ++i) sign[i] = std::numeric_limits<I>::min();  // the sign bit only
-  const V e = ttt_scan::vexp_neg<T>((V)((IV)g | sign));                     // exp(-|g|)
+  const V e = ttt_scan::vexp_neg<T>((V)((IV)g | ttt_scan::sign_bits<T>()));  // exp(-|g|)
   const V r = T(1) / (T(1) + e);
   const IV neg = g < vsplat<T>(T(0));  // all ones in the lanes where g < 0
   return (V)((neg & (IV)(e * r)) | (~neg & (IV)r));

@@ -403,13 +403,19 @@ template <typename T> inline vec_t<T> vexp_neg(vec_t<T> x) {
   return p * (V)sb;
 }
 
+// every lane: the sign bit only
+template <typename T> inline ivec_t<T> sign_bits() {
+  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type I;
+  ivec_t<T> sign;
+  for (int i = 0; i < VW<T>; ++i) sign[i] = std::numeric_limits<I>::min();
+  return sign;
+}
+
 // tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|) in (0, 1]: no overflow for any u
 template <typename T> inline vec_t<T> vtanh(vec_t<T> u) {
   typedef vec_t<T> V;
   typedef ivec_t<T> IV;
-  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type I;
-  IV sign;
-  for (int i = 0; i < VW<T>; ++i) sign[i] = std::numeric_limits<I>::min();  // the sign bit only
+  const IV sign = sign_bits<T>();
   V a = (V)((IV)u & ~sign);
   V e = vexp_neg<T>(a * T(-2));
   V t = (T(1) - e) / (T(1) + e);
