@@ -9,8 +9,8 @@ import json
 def test_backends_benchmark_smoke(tmp_path) -> None:
     from ttt.benchmarks import backends
 
-    payload = backends.main(["--backends", "torch", "--lengths", "32", "--rounds", "1", "--model-size", "tiny",
-                             "--workloads", "layer", "forward", "--out", str(tmp_path)])
+    payload = backends.main(["--backends", "torch", "--lengths", "32", "--rounds", "1", "--model-size",
+                             "tiny", "--workloads", "layer", "forward", "--out", str(tmp_path)])
     models = {(r["workload"], r["model"], r["mode"]) for r in payload["results"]}
     assert ("layer", "attention", "fwd") in models and ("layer", "ttt-linear[torch]", "fwd+bwd") in models
     assert ("model forward", "transformer", "prefill") in models
