@@ -35,7 +35,8 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 BENCHMARKS = {"layer": "layer_speed", "decode": "decode_speed", "train": "train_speed",
-              "backends": "backends", "scan": "scan_speed", "prepare": "prepare_speed", "gpu": "gpu"}
+              "backends": "backends", "scan": "scan_speed", "rowops": "rowops_speed",
+              "prepare": "prepare_speed", "gpu": "gpu"}
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -586,12 +587,12 @@ def data_info_cmd(path: Path = typer.Argument(..., help="A prepared directory.")
 def bench_cmd(
     ctx: typer.Context,
     which: str = typer.Argument(
-        ..., help="layer | decode | train | backends | scan | prepare | gpu | all (later arguments: the "
-                  "benchmark's)."
+        ..., help="layer | decode | train | backends | scan | rowops | prepare | gpu | all (later arguments: "
+                  "the benchmark's)."
     ),
 ) -> None:
-    """Speed benchmarks (ttt.benchmarks: layer, decode, train, backends, scan, prepare, gpu); arguments after
-    WHICH go to the benchmark.
+    """Speed benchmarks (ttt.benchmarks: layer, decode, train, backends, scan, rowops, prepare, gpu);
+    arguments after WHICH go to the benchmark.
 
     Use -- to pass options the benchmark shares with this command: ttt bench layer -- --help.
     """
