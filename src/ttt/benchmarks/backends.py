@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,11 +36,10 @@ from ..models.registry import build_model
 from ..ops.scan import BACKENDS, backend_status
 from .common import (
     RESULTS_DIR,
-    gc_paused,
+    interleaved_rounds,
     machine_info,
     markdown_table,
     matmul_peak_gflops,
-    sync,
     write_results,
 )
 from .layer_speed import CausalSelfAttention, ttt_linear_forward_flops
@@ -49,23 +47,6 @@ from .train_speed import train_step_fn
 
 TRAIN_SHAPE = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
                "intermediate_size": 1376}
-
-
-def _rounds(cands: dict[str, Callable[[], Any]], rounds: int, device: torch.device) -> dict[str, list[float]]:
-    """One warm-up call each, then ``rounds`` rounds of one timed call per candidate (each with the garbage
-    collector paused, as ``timeit`` does: a collection's cost lands on no candidate)."""
-    times: dict[str, list[float]] = {name: [] for name in cands}
-    for fn in cands.values():
-        fn()
-        sync(device)
-    for _ in range(rounds):
-        for name, fn in cands.items():
-            with gc_paused():
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def _summary(times: list[float]) -> dict[str, float]:
@@ -106,7 +87,7 @@ def layer_workload(length: int, backends: list[str], rounds: int, device: torch.
 
         cands[f"{name}|fwd"] = fwd
         cands[f"{name}|fwd+bwd"] = fwd_bwd
-    times = _rounds(cands, rounds, device)
+    times = interleaved_rounds(cands, rounds, device)
     out = []
     for key, ts in times.items():
         name, mode = key.split("|")
@@ -143,7 +124,7 @@ def forward_workload(length: int, backends: list[str], rounds: int, device: torc
         name = arch if backend is None else _ttt_arch_name(arch, backend)
         cands[name] = fwd
         meta[name] = model.num_parameters()
-    times = _rounds(cands, rounds, device)
+    times = interleaved_rounds(cands, rounds, device)
     return [{"workload": "model forward", "model": name, "size": size, "mode": "prefill", "length": length,
              "batch": 1, "params": meta[name], **_summary(ts),
              "tokens_per_s": length / statistics.median(ts)} for name, ts in times.items()]
@@ -163,7 +144,7 @@ def train_workload(length: int, backends: list[str], rounds: int, device: torch.
         name = arch if backend is None else _ttt_arch_name(arch, backend)
         cands[name] = train_step_fn(model, opt, ids, pass_positions=True, bf16=False)
         meta[name] = model.num_parameters()
-    times = _rounds(cands, rounds, device)
+    times = interleaved_rounds(cands, rounds, device)
     return [{"workload": "training step", "model": name, "mode": "train", "length": length, "batch": rows,
              "params": meta[name], **_summary(ts), "tokens_per_s": rows * length / statistics.median(ts)}
             for name, ts in times.items()]

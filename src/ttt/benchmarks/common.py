@@ -41,6 +41,25 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def interleaved_rounds(cands: dict[Any, Callable[[], Any]], rounds: int,
+                       device: torch.device | str | None = None) -> dict[Any, list[float]]:
+    """One warm-up call each, then ``rounds`` rounds of one timed call per candidate, in order (a shared
+    machine's drifting speed affects all of them alike), each with the garbage collector paused
+    (:func:`gc_paused`: a collection's cost lands on no candidate). Returns each candidate's seconds."""
+    times: dict[Any, list[float]] = {name: [] for name in cands}
+    for fn in cands.values():
+        fn()
+        sync(device)
+    for _ in range(rounds):
+        for name, fn in cands.items():
+            with gc_paused():
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def time_fn(fn: Callable[[], Any], reps: int = 3, warmup: int = 1, device: torch.device | str | None = None,
             budget_s: float = 30.0) -> dict[str, float]:
     """Run ``fn`` ``warmup`` times, then up to ``reps`` timed times (fewer if a run exceeds ``budget_s``),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 
 from ..ops.norm import gated_layer_norm_, gated_layer_norm_reference, rms_norm, rms_norm_reference
 from ..ops.swiglu import swiglu, swiglu_reference
-from .common import RESULTS_DIR, gc_paused, machine_info, markdown_table, write_results
+from .common import RESULTS_DIR, interleaved_rounds, machine_info, markdown_table, write_results
 
 
 def _cases(length: int, width: int, ffn: int) -> dict[str, tuple[Callable, Callable, list[torch.Tensor]]]:
@@ -68,15 +67,7 @@ def run(lengths: list[int], width: int, ffn: int, rounds: int) -> list[dict[str,
 
                 cands[(op, impl, "fwd")] = fwd
                 cands[(op, impl, "fwd+bwd")] = fwd_bwd
-        times: dict[tuple[str, str, str], list[float]] = {k: [] for k in cands}
-        for fn in cands.values():
-            fn()
-        for _ in range(rounds):
-            for k, fn in cands.items():
-                with gc_paused():
-                    t0 = time.perf_counter()
-                    fn()
-                    times[k].append(time.perf_counter() - t0)
+        times = interleaved_rounds(cands, rounds)
         for (op, impl, mode), ts in times.items():
             if impl == "compiled":
                 ref_ms = 1e3 * statistics.median(times[(op, "reference", mode)])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..ops.scan import BACKENDS, default_group, get_backend
-from .common import RESULTS_DIR, gc_paused, machine_info, markdown_table, write_results
+from .common import RESULTS_DIR, interleaved_rounds, machine_info, markdown_table, write_results
 
 
 def scan_inputs(rows: int, n_mb: int, mb: int, f: int, mlp: bool, seed: int = 0) -> tuple[Any, ...]:
@@ -78,15 +77,7 @@ def run(lengths: list[int], backends: list[str], rounds: int, heads: int, head_d
 
                 cases[(length, mlp, name, "fwd")] = fwd
                 cases[(length, mlp, name, "fwd+bwd")] = fwd_bwd
-    for fn in cases.values():  # warm-up (and the compiled backends' first call)
-        fn()
-    times: dict[tuple, list[float]] = {key: [] for key in cases}
-    for _ in range(rounds):
-        for key, fn in cases.items():
-            with gc_paused():
-                t0 = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - t0)
+    times = interleaved_rounds(cases, rounds)  # its warm-up call is the compiled backends' first call
     best = {key: min(v) for key, v in times.items()}
     peak = 2 * 2048**3 / best[("peak",)] / 1e9
     print(f"dense matmul peak: {peak:.1f} GFLOP/s")
