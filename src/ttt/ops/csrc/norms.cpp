@@ -262,6 +262,7 @@ void check_rows(const at::Tensor& x, const at::Tensor& w, const char* what) {
   TORCH_CHECK(w.is_contiguous(), what, ": weight must be contiguous");
 }
 
+// the bias (and a contiguous gate of y's shape, when given) of a gated LayerNorm
 void check_affine(const at::Tensor& y, const at::Tensor& weight, const at::Tensor& bias,
                   const std::optional<at::Tensor>& gate, const char* what) {
   TORCH_CHECK(bias.sizes() == weight.sizes() && bias.scalar_type() == weight.scalar_type() && bias.is_contiguous() &&
@@ -324,9 +325,7 @@ at::Tensor layer_norm_gate_(at::Tensor y, const at::Tensor& weight, const at::Te
                             const std::optional<at::Tensor>& gate) {
   check_rows(y, weight, "ttt_norm.layer_norm_gate_");
   TORCH_CHECK(y.is_contiguous(), "ttt_norm.layer_norm_gate_: the normalised tensor must be contiguous");
-  TORCH_CHECK(bias.sizes() == weight.sizes() && bias.scalar_type() == weight.scalar_type() &&
-                  bias.is_contiguous() && bias.device().is_cpu(),
-              "ttt_norm.layer_norm_gate_: bias must match the weight");
+  check_affine(y, weight, bias, std::nullopt, "ttt_norm.layer_norm_gate_");  // its gate may be strided: below
   const int64_t D = y.size(-1), rows = D ? y.numel() / D : 0;
   const at::Tensor* g = gate.has_value() ? &gate.value() : nullptr;
   int64_t gs = 0;
