@@ -137,13 +137,11 @@ def gated_layer_norm_(y: Tensor, weight: Tensor, bias: Tensor, eps: float, gate:
     afterwards); with gradients it is a new tensor from an autograd Function with a compiled backward.
     Returns the result."""
     gates = () if gate is None else (gate,)
-    if gate is None or gate.shape == y.shape:
-        ext = _compiled(y, weight, bias, *gates, autograd=True)
-        if ext is not None and _needs_grad(y, weight, bias, *gates):
-            return _GatedLayerNormFunction.apply(y, weight, bias, float(eps), gate)
-    fits = y.is_contiguous() and (gate is None or gate.shape == y.shape)
-    ext = _compiled(y, weight, bias, *gates) if fits else None
-    if ext is None:
+    same_shape = gate is None or gate.shape == y.shape
+    ext = _compiled(y, weight, bias, *gates, autograd=True) if same_shape else None
+    if ext is not None and _needs_grad(y, weight, bias, *gates):
+        return _GatedLayerNormFunction.apply(y, weight, bias, float(eps), gate)
+    if ext is None or not y.is_contiguous():
         return gated_layer_norm_reference(y, weight, bias, eps, gate)
     g2 = None
     if gate is not None:  # [rows, D]: a view of the gate when its rows are evenly spaced (else a copy)
