@@ -129,9 +129,9 @@ def test_sizes_run(head_dim, mb) -> None:
 
 @pytest.mark.parametrize("kind,share_qk,use_gate", OPTIONS)
 def test_inference_fused_projections(kind, share_qk, use_gate) -> None:
-    """Without autograd the input projections run as one GEMM over cached concatenated weights: same
-    outputs and state as the reference, the cache follows in-place weight updates, and a hook on a
-    projection (an adapter, say) turns the fusion off."""
+    """Without autograd the input projections run as one GEMM over cached concatenated weights (and the
+    token coefficients come from a cache): same outputs and state as the reference, the caches follow
+    in-place parameter updates, and a hook on a projection (an adapter, say) turns the fusion off."""
     fast, ref = make_pair(kind, share_qk, use_gate)
     x = torch.randn(2, 11, 32, dtype=torch.float64)
     with torch.no_grad():
@@ -139,15 +139,37 @@ def test_inference_fused_projections(kind, share_qk, use_gate) -> None:
             (out, state), (out_r, state_r) = fast(x), ref(x)
             assert_rel_close(out, out_r, 1e-10, f"output, step {step}")
             assert_rel_close(state.inner.W1, state_r.inner.W1, 1e-10, f"state, step {step}")
-            assert "_fused_weight_cache" in fast.__dict__
-            for layer in (fast, ref):  # an in-place update (an optimizer step) must reach the cache
+            assert "_fused_weight_cache" in fast.__dict__ and "_coef_cache" in fast.__dict__
+            for layer in (fast, ref):  # an in-place update (an optimizer step) must reach the caches
                 layer.v_proj.weight.mul_(1.5)
                 layer.learnable_ttt_lr_weight.add_(0.1)
+                layer.learnable_token_idx.add_(0.05)
         handle = fast.v_proj.register_forward_hook(lambda mod, inp, out: out * 2)
         doubled, _ = fast(x)
         handle.remove()
         fast.v_proj.weight.mul_(2)
         assert_rel_close(doubled, fast(x)[0], 1e-10, "hooked projection")
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_inference_token_coefficients_follow_updates(kind) -> None:
+    """Inference takes the token coefficients from a cache: after the parameter changes (in place, or
+    replaced) its output still equals the autograd path's, which computes them afresh."""
+    layer, _ = make_pair(kind, False, False)
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    seen = []
+    for step in range(3):
+        with torch.no_grad():
+            out, _ = layer(x)
+        ref, _ = layer(x)
+        assert_rel_close(out, ref.detach(), 1e-10, f"step {step}")
+        seen.append(out)
+        if step == 0:
+            with torch.no_grad():
+                layer.learnable_token_idx.add_(0.3)
+        else:
+            layer.learnable_token_idx = torch.nn.Parameter(layer.learnable_token_idx.detach() - 0.2)
+    assert not torch.allclose(seen[0], seen[1]) and not torch.allclose(seen[1], seen[2])
 
 
 @pytest.mark.parametrize("kind,share_qk,use_gate", OPTIONS)

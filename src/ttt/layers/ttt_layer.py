@@ -184,7 +184,7 @@ class TTTLayer(nn.Module):
         """A fresh state at a sequence start (learned ``W0``, nothing accumulated, empty conv buffers)."""
         ref = self.W1
         device = ref.device if device is None else torch.device(device)
-        weights = tuple(w.to(device) for w in self.inner_weights())
+        weights = tuple(w if w.device == device else w.to(device) for w in self.inner_weights())
         inner = InnerState.from_weights(weights, batch_size, dtype=_inner_dtype(ref.dtype))
         conv_q = conv_k = None
         if self.share_qk:
@@ -249,9 +249,9 @@ class TTTLayer(nn.Module):
         # inference on the CPU: the big intermediates in reusable huge-page scratch (ttt.ops.workspace);
         # none of them leaves this call
         reuse = inference and x.device.type == "cpu"
-        if self.fuse_projections and inference and self._plain_projections():
+        w = self._fused_input_weight() if self.fuse_projections and inference else None
+        if w is not None:
             # inference: the projections of x (q, k, v, gate, learning-rate gate) as one GEMM
-            w = self._fused_input_weight()
             if reuse:
                 buf = scratch("ttt.layer.projections", (bsz, length, len(w)), x.dtype)
                 y = torch.matmul(x, w.t(), out=buf)
@@ -276,13 +276,17 @@ class TTTLayer(nn.Module):
             xk = proj["k"]
 
         # [B, H, L], from a strided column block of the fused projection output
-        gate_logits = (proj["lr"].transpose(1, 2) + self.learnable_ttt_lr_bias.view(1, h, 1)).to(
-            _inner_dtype(x.dtype))
-        if inference:  # the same arithmetic in place
-            lr = gate_logits.sigmoid_().mul_(self.ttt_base_lr).div_(f)
+        logits = proj["lr"].transpose(1, 2)
+        bias = self.learnable_ttt_lr_bias.view(1, h, 1)
+        if inference:  # the same arithmetic in place, in a contiguous [B, H, L] (the scan's layout)
+            gate = torch.empty((bsz, h, length), dtype=_inner_dtype(x.dtype), device=x.device)
+            lr = torch.add(logits, bias, out=gate).sigmoid_()
+            if self.ttt_base_lr != 1.0:  # (x * 1 is x: skipped, same result)
+                lr.mul_(self.ttt_base_lr)
+            lr.div_(f)
         else:
-            lr = self.ttt_base_lr * torch.sigmoid(gate_logits) / f
-        coef = token_coefficients(self.learnable_token_idx)
+            lr = self.ttt_base_lr * torch.sigmoid((logits + bias).to(_inner_dtype(x.dtype))) / f
+        coef = self._token_coefficients(inference)
         # the inner loop runs in the state's dtype (fp32 for half models): keep autocast out of it
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.impl == "dual" and length != 1:  # [B, L, H, F] views in, [B, L, H, F] out
@@ -305,7 +309,9 @@ class TTTLayer(nn.Module):
         gate = (proj["g"] if "g" in proj else self.g_proj(x)) if self.use_gate else None
         # drop the references to the projections: at inference their memory serves what follows
         proj = xq = xk = xv = args = None
-        out = out.to(x.dtype).reshape(bsz, length, self.hidden_size)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        out = out.reshape(bsz, length, self.hidden_size)
         if self._plain_post_norm():  # post-norm and gate in one pass, over the scan's output at inference
             out = gated_layer_norm_(out, self.post_norm.weight, self.post_norm.bias, self.post_norm.eps, gate)
         else:
@@ -331,22 +337,26 @@ class TTTLayer(nn.Module):
         return (type(m) is nn.LayerNorm and m.elementwise_affine and m.bias is not None
                 and not (m._forward_hooks or m._forward_pre_hooks))
 
-    def _plain_projections(self) -> bool:
-        """The input projections are plain bias-free ``nn.Linear`` modules without hooks (not wrapped,
-        e.g. by an adapter or a parametrization), so their concatenated weights compute them exactly;
-        and every weight owns its storage, so a change of its values shows in its version counter (not
-        so for views into a shared buffer, e.g. FSDP's gathered parameters: those are not fused)."""
-        for name in self._fused_input_names()[:-1]:
-            m = getattr(self, self._PROJECTIONS[name])
+    def _fused_input_weight(self) -> Tensor | None:
+        """The input projections' weights concatenated (cached), or None when they are not all plain
+        bias-free ``nn.Linear`` modules without hooks (wrapped, e.g. by an adapter or a parametrization:
+        then the concatenation would not compute them) or some weight does not own its storage (a view
+        into a shared buffer, e.g. FSDP's gathered parameters, can change without its version counter
+        showing it)."""
+        names = self._fused_input_names()
+        ws = []
+        for name in names[:-1]:
+            m = self._modules[self._PROJECTIONS[name]]
             if type(m) is not nn.Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks:
-                return False
-        return all(type(w) is nn.Parameter and w.storage_offset() == 0
-                   and w.untyped_storage().nbytes() == w.numel() * w.element_size()
-                   for w in self._fused_input_weights())
-
-    def _fused_input_weights(self) -> list[Tensor]:
-        return [getattr(self, self._PROJECTIONS[n]).weight if n in self._PROJECTIONS
-                else self.learnable_ttt_lr_weight for n in self._fused_input_names()]
+                return None
+            ws.append(m.weight)
+        ws.append(self.learnable_ttt_lr_weight)
+        for w in ws:
+            if (type(w) is not nn.Parameter or w.storage_offset() != 0
+                    or w.untyped_storage().nbytes() != w.numel() * w.element_size()):
+                return None
+        return self._cached("_fused_weight_cache", ws,
+                            lambda: torch.cat([w.detach().reshape(-1, self.hidden_size) for w in ws]))
 
     def _fused_input_names(self) -> tuple[str, ...]:
         return ("q", *(() if self.share_qk else ("k",)), "v", *(("g",) if self.use_gate else ()), "lr")
@@ -354,14 +364,23 @@ class TTTLayer(nn.Module):
     def _fused_input_sizes(self) -> list[int]:
         return [self.hidden_size] * (len(self._fused_input_names()) - 1) + [self.num_heads]
 
-    def _fused_input_weight(self) -> Tensor:
-        ws = self._fused_input_weights()
-        key = tuple((id(w), w.data_ptr(), w._version, w.dtype, w.device) for w in ws)
-        cache = self.__dict__.get("_fused_weight_cache")
+    def _token_coefficients(self, inference: bool) -> Tensor:
+        """``token_coefficients(learnable_token_idx)``; at inference from a cache (each tiny op costs far
+        more than its arithmetic there: right after the GEMMs its code and data are out of the caches)."""
+        p = self.learnable_token_idx
+        if not inference:
+            return token_coefficients(p)
+        return self._cached("_coef_cache", [p], lambda: token_coefficients(p.detach()))
+
+    def _cached(self, slot: str, params: list[Tensor], build) -> Tensor:
+        """``build()`` (a tensor derived from ``params``, for inference), kept in ``self.__dict__[slot]``
+        and rebuilt when any of ``params`` changes (in place, which bumps its version, or replaced)."""
+        key = tuple((id(w), w.data_ptr(), w._version, w.dtype, w.device) for w in params)
+        cache = self.__dict__.get(slot)
         if cache is None or cache[0] != key:
-            with torch.inference_mode(False):
-                cache = (key, torch.cat([w.detach().reshape(-1, self.hidden_size) for w in ws]))
-            self.__dict__["_fused_weight_cache"] = cache
+            with torch.inference_mode(False):  # a normal tensor even when first built in inference mode
+                cache = (key, build())
+            self.__dict__[slot] = cache
         return cache[1]
 
     def extra_repr(self) -> str:

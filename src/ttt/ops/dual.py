@@ -30,7 +30,13 @@ def _validate(xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, coef: Tensor, ln_w
         raise ValueError(f"xq must be [batch, heads, length, head_dim], got shape {tuple(xq.shape)}")
     if xk.shape != xq.shape or xv.shape != xq.shape:
         raise ValueError(f"xq/xk/xv shapes differ: {tuple(xq.shape)}, {tuple(xk.shape)}, {tuple(xv.shape)}")
-    bsz, heads, length, f = xq.shape
+    _validate_rest(tuple(xq.shape), xq.device, lr, coef, ln_w, ln_b, state, lengths)
+
+
+def _validate_rest(shape: tuple[int, ...], device: torch.device, lr: Tensor, coef: Tensor, ln_w: Tensor,
+                   ln_b: Tensor, state: InnerState, lengths: Tensor | None) -> None:
+    """The checks of :func:`_validate` past the projections', for inputs of ``shape [B, H, L, F]``."""
+    bsz, heads, length, f = shape
     if lr.shape != (bsz, heads, length):
         raise ValueError(f"lr must be [{bsz}, {heads}, {length}], got {tuple(lr.shape)}")
     if coef.dim() != 1 or coef.shape[0] < 1:
@@ -41,8 +47,8 @@ def _validate(xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, coef: Tensor, ln_w
     if w1.shape[:3] != (bsz, heads, f):
         raise ValueError(f"state.W1 must be [{bsz}, {heads}, {f}, *], got {tuple(w1.shape)} "
                          "(state batch size or head layout does not match the input)")
-    if w1.device != xq.device:
-        raise ValueError(f"state is on {w1.device} but the input is on {xq.device}")
+    if w1.device != device:
+        raise ValueError(f"state is on {w1.device} but the input is on {device}")
     if not w1.is_floating_point():
         raise ValueError(f"state dtype must be floating point, got {w1.dtype}")
     if lengths is not None and lengths.shape != (bsz,):
@@ -208,7 +214,8 @@ def ttt_dual_heads(
     if xq.dim() != 4 or xk.shape != xq.shape or xv.shape != xq.shape:
         raise ValueError(f"xq/xk/xv must be [batch, length, heads, head_dim] alike, got {tuple(xq.shape)}, "
                          f"{tuple(xk.shape)}, {tuple(xv.shape)}")
-    _validate(*(t.transpose(1, 2) for t in (xq, xk, xv)), lr, coef, ln_w, ln_b, state, lengths)
+    bsz, length, heads, f = xq.shape
+    _validate_rest((bsz, heads, length, f), xq.device, lr, coef, ln_w, ln_b, state, lengths)
     check_out(out, xq)
     impl = fused_backend(xq, coef, state, lengths, backend)
     if impl is None:
@@ -218,7 +225,8 @@ def ttt_dual_heads(
         direct = out if out is not None and out.dtype == state.W1.dtype else None
         res, new = ttt_dual_heads_fused(impl, xq, xk, xv, lr, coef, ln_w, ln_b, state, rope_theta,
                                         remat_group_size, direct)
-        res = res.to(xq.dtype)
+        if res.dtype != xq.dtype:
+            res = res.to(xq.dtype)
     if out is not None and res.data_ptr() != out.data_ptr():
         res = out.copy_(res)
     return res, new

@@ -77,8 +77,8 @@ class InnerState:
         weights: tuple[Tensor, ...], batch_size: int, dtype: torch.dtype | None = None
     ) -> InnerState:
         """Fresh state with the (learned) initial weights ``[H, ...]`` broadcast over the batch."""
-        ws = [w.to(dtype) if dtype is not None else w for w in weights]
-        ws = [w.unsqueeze(0).expand(batch_size, *w.shape) for w in ws]
+        ws = [w.to(dtype) if dtype is not None and w.dtype != dtype else w for w in weights]
+        ws = [w.expand(batch_size, *w.shape) for w in ws]
         zeros = [torch.zeros_like(w) for w in ws]
         pos = torch.zeros(batch_size, dtype=torch.long, device=ws[0].device)
         return InnerState.from_parts(tuple(ws), tuple(zeros), pos)

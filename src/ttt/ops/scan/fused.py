@@ -41,12 +41,34 @@ def fused_backend(xq: Tensor, coef: Tensor, state: InnerState, lengths: Tensor |
     """
     inner = state.W1.dtype
     if (xq.device.type != "cpu" or xq.shape[1] == 0 or lengths is not None
-            or inner not in (torch.float32, torch.float64) or bool((state.pos != 0).any())):
+            or inner not in (torch.float32, torch.float64) or bool(state.pos.any())):
         return None
-    f = xq.shape[-1]
-    probe = xq.new_empty((0, 1, coef.shape[0], f), dtype=inner)  # the scan layout's shape, no data
-    impl = resolve_backend(probe, probe.new_empty((0, f)), state.weights() + state.grads(), backend)
+    k, ln_w = _probes(coef.shape[0], xq.shape[-1], inner, xq.device)
+    impl = resolve_backend(k, ln_w, state.weights() + state.grads(), backend)
     return impl if callable(getattr(impl, "heads_forward", None)) else None
+
+
+# Small read-only tensors that are the same on every call, cached: at inference each tiny op costs far
+# more than its arithmetic (right after the layer's GEMMs, its code and data are out of the caches).
+@functools.lru_cache(maxsize=64)
+def _probes(b: int, f: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Empty tensors of the scan layout's shape (``k [0, 1, b, F]``, ``ln_w [0, F]``) for
+    :func:`ttt.ops.scan.resolve_backend`."""
+    with torch.inference_mode(False):
+        return torch.empty((0, 1, b, f), dtype=dtype, device=device), torch.empty((0, f), dtype=dtype,
+                                                                                   device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _n_complete(rows: int, n: int, device: torch.device) -> Tensor:
+    """``[rows]`` complete mini-batches per row, all ``n``."""
+    with torch.inference_mode(False):
+        return torch.full((rows,), n, dtype=torch.long, device=device)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` as a contiguous tensor of ``dtype`` (itself when it already is one)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
 class _HeadsFunction(torch.autograd.Function):
@@ -93,13 +115,12 @@ def ttt_dual_heads_fused(impl: ScanBackend, xq: Tensor, xk: Tensor, xv: Tensor, 
     b = coef.shape[0]
     xq, xk, xv = (t if t.dtype == inner and t.stride(-1) == 1 else t.to(inner).contiguous()
                   for t in (xq, xk, xv))
-    lr, coef = lr.to(inner).contiguous(), coef.to(inner).contiguous()
-    ln_w, ln_b = ln_w.to(inner).contiguous(), ln_b.to(inner).contiguous()
+    lr, coef, ln_w, ln_b = (_as(t, inner) for t in (lr, coef, ln_w, ln_b))
     cos, sin = _rope_features(f, b, float(rope_theta), inner, xq.device)
     rows = bsz * heads
     n_mb = -(-length // b)
-    n_complete = torch.full((rows,), length // b, dtype=torch.long, device=xq.device)
-    init = tuple(t.reshape(rows, *t.shape[2:]).contiguous() for t in state.weights() + state.grads())
+    n_complete = _n_complete(rows, length // b, xq.device)
+    init = tuple(_as(t.reshape(rows, *t.shape[2:]), t.dtype) for t in state.weights() + state.grads())
     group = remat_group_size if remat_group_size > 0 else default_group(n_mb)
     tensors = (xq, xk, xv, lr, coef, ln_w, ln_b, *init)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
