@@ -280,7 +280,7 @@ class TTTLayer(nn.Module):
         bias = self.learnable_ttt_lr_bias.view(1, h, 1)
         if inference:  # the same arithmetic in place, in a contiguous [B, H, L] (the scan's layout)
             gate = torch.empty((bsz, h, length), dtype=_inner_dtype(x.dtype), device=x.device)
-            lr = torch.add(logits, bias, out=gate).sigmoid_()
+            lr = torch.add(logits, bias, out=gate).sigmoid_()  # (added in the input's dtype, as in training)
             if self.ttt_base_lr != 1.0:  # (x * 1 is x: skipped, same result)
                 lr.mul_(self.ttt_base_lr)
             lr.div_(f)
