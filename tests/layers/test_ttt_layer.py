@@ -209,7 +209,8 @@ def test_inference_results_do_not_alias_scratch(kind, share_qk, use_gate) -> Non
 
 def test_inference_projections_not_fused_on_shared_storage() -> None:
     """Weights that are views into a shared buffer (FSDP's gathered parameters) can change without
-    their version counter moving: those layers keep the separate projections (no cache)."""
+    their version counter moving: those layers keep the separate projections and derive the token
+    coefficients afresh (no caches), so a write that no version counter sees still shows."""
     layer = TTTLinear(32, 4, mini_batch_size=4).double()
     flat = torch.cat([p.detach().flatten() for p in layer.parameters()])
     offset = 0
@@ -219,13 +220,20 @@ def test_inference_projections_not_fused_on_shared_storage() -> None:
     x = torch.randn(1, 8, 32, dtype=torch.float64)
     with torch.no_grad():
         out, _ = layer(x)
-        assert "_fused_weight_cache" not in layer.__dict__
+        assert "_fused_weight_cache" not in layer.__dict__ and "_coef_cache" not in layer.__dict__
         TTTLayer.fuse_projections = False
         try:
             ref, _ = layer(x)
         finally:
             TTTLayer.fuse_projections = True
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    # a write that no version counter sees (numpy over the shared buffer, as an all-gather into it)
+    flat.numpy()[:] += 0.05
+    with torch.no_grad():
+        after, _ = layer(x)
+    fresh, _ = layer(x)  # the autograd path derives everything from the parameters afresh
+    assert not torch.allclose(after, out)
+    torch.testing.assert_close(after, fresh.detach(), rtol=1e-10, atol=1e-12)
 
 
 def test_official_parameter_names() -> None:

@@ -57,6 +57,13 @@ class TTTLayerState:
         return self._map(lambda s: s.index_select(index), lambda t: t.index_select(0, index.to(t.device)))
 
 
+def _owns_storage(w: Tensor) -> bool:
+    """``w`` is a parameter with a storage of its own, so a change of its values shows in its version
+    counter (a view into a shared buffer, e.g. FSDP's gathered parameters, can change without that)."""
+    return (type(w) is nn.Parameter and w.storage_offset() == 0
+            and w.untyped_storage().nbytes() == w.numel() * w.element_size())
+
+
 def _inner_dtype(dtype: torch.dtype) -> torch.dtype:
     """Inner state and LayerNorm statistics stay in fp32 for half-precision models."""
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
@@ -351,10 +358,8 @@ class TTTLayer(nn.Module):
                 return None
             ws.append(m.weight)
         ws.append(self.learnable_ttt_lr_weight)
-        for w in ws:
-            if (type(w) is not nn.Parameter or w.storage_offset() != 0
-                    or w.untyped_storage().nbytes() != w.numel() * w.element_size()):
-                return None
+        if not all(_owns_storage(w) for w in ws):
+            return None
         return self._cached("_fused_weight_cache", ws,
                             lambda: torch.cat([w.detach().reshape(-1, self.hidden_size) for w in ws]))
 
@@ -374,7 +379,11 @@ class TTTLayer(nn.Module):
 
     def _cached(self, slot: str, params: list[Tensor], build) -> Tensor:
         """``build()`` (a tensor derived from ``params``, for inference), kept in ``self.__dict__[slot]``
-        and rebuilt when any of ``params`` changes (in place, which bumps its version, or replaced)."""
+        and rebuilt when any of ``params`` changes (in place, which bumps its version, or replaced).
+        Parameters that do not own their storage are never cached from (built afresh each call)."""
+        if not all(_owns_storage(w) for w in params):
+            self.__dict__.pop(slot, None)
+            return build()
         key = tuple((id(w), w.data_ptr(), w._version, w.dtype, w.device) for w in params)
         cache = self.__dict__.get(slot)
         if cache is None or cache[0] != key:
