@@ -358,8 +358,6 @@ class TTTLayer(nn.Module):
                 return None
             ws.append(m.weight)
         ws.append(self.learnable_ttt_lr_weight)
-        if not all(_owns_storage(w) for w in ws):
-            return None
         return self._cached("_fused_weight_cache", ws,
                             lambda: torch.cat([w.detach().reshape(-1, self.hidden_size) for w in ws]))
 
@@ -373,17 +371,16 @@ class TTTLayer(nn.Module):
         """``token_coefficients(learnable_token_idx)``; at inference from a cache (each tiny op costs far
         more than its arithmetic there: right after the GEMMs its code and data are out of the caches)."""
         p = self.learnable_token_idx
-        if not inference:
-            return token_coefficients(p)
-        return self._cached("_coef_cache", [p], lambda: token_coefficients(p.detach()))
+        coef = self._cached("_coef_cache", [p], lambda: token_coefficients(p.detach())) if inference else None
+        return token_coefficients(p) if coef is None else coef
 
-    def _cached(self, slot: str, params: list[Tensor], build) -> Tensor:
+    def _cached(self, slot: str, params: list[Tensor], build) -> Tensor | None:
         """``build()`` (a tensor derived from ``params``, for inference), kept in ``self.__dict__[slot]``
-        and rebuilt when any of ``params`` changes (in place, which bumps its version, or replaced).
-        Parameters that do not own their storage are never cached from (built afresh each call)."""
+        and rebuilt when any of ``params`` changes (in place, which bumps its version, or replaced);
+        None when some parameter does not own its storage (then nothing is cached)."""
         if not all(_owns_storage(w) for w in params):
             self.__dict__.pop(slot, None)
-            return build()
+            return None
         key = tuple((id(w), w.data_ptr(), w._version, w.dtype, w.device) for w in params)
         cache = self.__dict__.get(slot)
         if cache is None or cache[0] != key:

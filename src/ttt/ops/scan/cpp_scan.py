@@ -70,8 +70,7 @@ class CppBackend:
         checkpoints and ``Zbar`` (for the backward) only when ``save``. ``out`` (contiguous
         ``[B, L, H, F]``, the inputs' dtype) receives the output instead of a new tensor."""
         out = torch.ops.ttt_scan.heads_forward(xq, xk, xv, lr, coef, ln_w, ln_b, cos, sin, n_complete,
-                                               [t if t.is_contiguous() else t.contiguous() for t in state],
-                                               int(group), bool(save), out)
+                                               [t.contiguous() for t in state], int(group), bool(save), out)
         ns = len(state)
         return out[0], tuple(out[1:1 + ns]), tuple(out[1 + ns:-1]), out[-1]
 

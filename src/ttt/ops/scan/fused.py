@@ -120,7 +120,7 @@ def ttt_dual_heads_fused(impl: ScanBackend, xq: Tensor, xk: Tensor, xv: Tensor, 
     rows = bsz * heads
     n_mb = -(-length // b)
     n_complete = _n_complete(rows, length // b, xq.device)
-    init = tuple(_as(t.reshape(rows, *t.shape[2:]), t.dtype) for t in state.weights() + state.grads())
+    init = tuple(t.reshape(rows, *t.shape[2:]).contiguous() for t in state.weights() + state.grads())
     group = remat_group_size if remat_group_size > 0 else default_group(n_mb)
     tensors = (xq, xk, xv, lr, coef, ln_w, ln_b, *init)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
