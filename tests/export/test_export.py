@@ -75,6 +75,8 @@ torch.save({'logits': logits, 'gen': gen, 'ids': tok('ROMEO: hello').input_ids},
 conv = [m for n, m in sys.modules.items()
         if n.startswith('transformers_modules.') and n.endswith('.ops_conv')]
 assert conv and conv[0]._EXT == [] and conv[0]._extension() is None, conv
+lin = [m for n, m in sys.modules.items() if n.endswith('.ops_linear')]
+assert lin and lin[0]._EXT == [] and not lin[0].packing_available(), lin
 assert not any(n.endswith('ops_extension') or n.endswith('_scan_cpp_scan') for n in sys.modules)
 """
     res = run_clean(code, str(out), str(tmp_path / "x.pt"), str(tmp_path / "got.pt"))
@@ -150,7 +152,7 @@ def test_bundle_is_generated_from_the_package() -> None:
 
     # the compiled conv / Triton decode are switched off by generated overrides, the builder is stubbed
     assert "def _extension():" in files["ops_conv.py"].rsplit("exported model", 1)[1]
-    for name in ("ops_norm.py", "ops_swiglu.py"):
+    for name in ("ops_norm.py", "ops_swiglu.py", "ops_linear.py"):
         assert "def _extension():" in files[name].rsplit("exported model", 1)[1], name
         assert "from .ops_extension" not in files[name], name
     assert "def _fused_decoder(" in files["ops_decode.py"].rsplit("exported model", 1)[1]

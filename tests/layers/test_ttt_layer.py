@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ttt.layers import TTTMLP, TTTLayer, TTTLayerState, TTTLinear
+from ttt.ops.linear import PackedWeight, packing_available
 
 # every test here runs once per CPU scan backend (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("scan_backend")
@@ -205,6 +206,79 @@ def test_inference_results_do_not_alias_scratch(kind, share_qk, use_gate) -> Non
     assert_rel_close(out1, ref1.detach(), 1e-5, "first call")
     assert_rel_close(out2, ref2.detach(), 1e-5, "second call")
     assert_rel_close(st1.inner.W1, st_ref1.inner.W1.detach(), 1e-5, "state")
+
+
+@pytest.mark.parametrize("kind,share_qk,use_gate", [("linear", False, False), ("mlp", True, True)])
+def test_inference_packed_weights(kind, share_qk, use_gate) -> None:
+    """float32 inference on the CPU runs the fused input projections and ``o_proj`` from weights packed
+    for MKL's GEMM (ttt.ops.linear), from the second call with a row count on: every call equals the
+    autograd path, also after in-place updates of the weights, with other row counts in between and
+    with another thread count; ``pack_weights = False`` and a platform without the packed GEMM give the
+    same outputs without packing."""
+    if not packing_available():
+        pytest.skip("this PyTorch build has no MKL packed GEMM")
+    layer, _ = make_pair(kind, share_qk, use_gate, torch.float32)
+    xs = {37: torch.randn(2, 37, 32), 45: torch.randn(2, 45, 32), 1: torch.randn(2, 1, 32)}
+    slots = ("_packed_input_cache", "_packed_output_cache")
+
+    def check(n: int, msg: str) -> torch.Tensor:
+        with torch.no_grad():
+            out, st = layer(xs[n])
+        ref, st_ref = layer(xs[n])
+        assert_rel_close(out, ref.detach(), 1e-5, msg)
+        assert_rel_close(st.inner.W1, st_ref.inner.W1.detach(), 1e-5, f"{msg}: state")
+        return out
+
+    key = (2 * 37, torch.get_num_threads())
+    check(37, "first call")
+    assert all(layer.__dict__[s][1][key] is None for s in slots)  # seen once: not packed yet
+    for step in range(2):
+        check(37, f"packed, step {step}")
+        assert all(isinstance(layer.__dict__[s][1][key], PackedWeight) for s in slots)
+    for n in (45, 45, 1, 1, 37):  # other row counts in between (prefill and decode)
+        check(n, f"{n} tokens")
+    assert {k[0] for k in layer.__dict__["_packed_output_cache"][1]} == {74, 90, 2}
+    with torch.no_grad():  # an optimizer step: the packings are made anew from the new weights
+        layer.o_proj.weight.mul_(1.5)
+        layer.q_proj.weight.add_(0.02)
+    before = {s: layer.__dict__[s][1] for s in slots}
+    for step in range(2):
+        check(37, f"after an update, step {step}")
+    assert all(layer.__dict__[s][1] is not before[s] for s in slots)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for step in range(2):
+            check(37, f"1 thread, step {step}")
+        assert (74, 1) in layer.__dict__["_packed_output_cache"][1]
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        packed = layer(xs[37])[0]
+        TTTLayer.pack_weights = False
+        try:
+            for s in slots:
+                del layer.__dict__[s]
+            plain = layer(xs[37])[0]
+            assert not any(s in layer.__dict__ for s in slots)
+        finally:
+            TTTLayer.pack_weights = True
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_inference_without_packed_gemm(monkeypatch) -> None:
+    """Where the packed GEMM is missing (no MKL), inference keeps torch.matmul: same outputs."""
+    import ttt.layers.ttt_layer as module
+
+    layer, _ = make_pair("linear", False, False, torch.float32)
+    x = torch.randn(2, 37, 32)
+    ref, _ = layer(x)
+    monkeypatch.setattr(module, "packing_available", lambda: False)
+    with torch.no_grad():
+        for step in range(3):
+            out, _ = layer(x)
+            assert_rel_close(out, ref.detach(), 1e-5, f"step {step}")
+    assert "_packed_input_cache" not in layer.__dict__ and "_packed_output_cache" not in layer.__dict__
 
 
 def test_inference_projections_not_fused_on_shared_storage() -> None:

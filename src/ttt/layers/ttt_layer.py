@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from ..ops.conv import causal_conv1d
 from ..ops.decode import ttt_step
 from ..ops.dual import ttt_dual_heads
 from ..ops.functional import gelu_tanh, rope_adjacent, token_coefficients
+from ..ops.linear import PackedWeight, pack_weight, packed_linear, packing_available
 from ..ops.norm import gated_layer_norm_
 from ..ops.reference import ttt_reference
 from ..ops.scan import BACKENDS
@@ -62,6 +64,11 @@ def _owns_storage(w: Tensor) -> bool:
     counter (a view into a shared buffer, e.g. FSDP's gathered parameters, can change without that)."""
     return (type(w) is nn.Parameter and w.storage_offset() == 0
             and w.untyped_storage().nbytes() == w.numel() * w.element_size())
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """``m`` is a plain bias-free ``nn.Linear`` without hooks (so its weight alone computes it)."""
+    return type(m) is nn.Linear and m.bias is None and not (m._forward_hooks or m._forward_pre_hooks)
 
 
 def _inner_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -256,12 +263,14 @@ class TTTLayer(nn.Module):
         # inference on the CPU: the big intermediates in reusable huge-page scratch (ttt.ops.workspace);
         # none of them leaves this call
         reuse = inference and x.device.type == "cpu"
-        w = self._fused_input_weight() if self.fuse_projections and inference else None
+        ws = self._fused_input_params() if self.fuse_projections and inference else None
+        w = self._fused_input_weight(ws) if ws is not None else None
         if w is not None:
             # inference: the projections of x (q, k, v, gate, learning-rate gate) as one GEMM
             if reuse:
                 buf = scratch("ttt.layer.projections", (bsz, length, len(w)), x.dtype)
-                y = torch.matmul(x, w.t(), out=buf)
+                packed = self._packed_weight("_packed_input_cache", ws, w, bsz * length)
+                y = torch.matmul(x, w.t(), out=buf) if packed is None else packed_linear(x, packed, out=buf)
             else:
                 y = F.linear(x, w)
             projs = y.split(self._fused_input_sizes(), dim=-1)
@@ -325,7 +334,7 @@ class TTTLayer(nn.Module):
             out = self.post_norm(out)
             if gate is not None:
                 out = gelu_tanh(gate) * out
-        out = self.o_proj(out)
+        out = self._output_projection(out, inference)
         if lengths is not None:
             valid = torch.arange(length, device=x.device).view(1, length) < lengths.to(x.device).view(bsz, 1)
             out = out * valid.unsqueeze(-1).to(out.dtype)
@@ -336,6 +345,9 @@ class TTTLayer(nn.Module):
     # parameters themselves stay separate (names, state dicts and training are unchanged). The cache is
     # a second copy of those weights (3-4 D x D per layer); TTTLayer.fuse_projections = False saves it.
     fuse_projections = True
+    # Inference on the CPU also runs those GEMMs (and o_proj) from weights packed once for MKL's kernel
+    # (ttt.ops.linear), one more copy of them per row count in use (at most three); False saves it.
+    pack_weights = True
     _PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "g": "g_proj"}  # fused name -> module
 
     def _plain_post_norm(self) -> bool:
@@ -344,22 +356,56 @@ class TTTLayer(nn.Module):
         return (type(m) is nn.LayerNorm and m.elementwise_affine and m.bias is not None
                 and not (m._forward_hooks or m._forward_pre_hooks))
 
-    def _fused_input_weight(self) -> Tensor | None:
-        """The input projections' weights concatenated (cached), or None when they are not all plain
-        bias-free ``nn.Linear`` modules without hooks (wrapped, e.g. by an adapter or a parametrization:
-        then the concatenation would not compute them) or some weight does not own its storage (a view
-        into a shared buffer, e.g. FSDP's gathered parameters, can change without its version counter
-        showing it)."""
-        names = self._fused_input_names()
+    def _fused_input_params(self) -> list[Tensor] | None:
+        """The input projections' weights in the fused order (q, k, v, gate, learning-rate gate), or None
+        when they are not all plain bias-free ``nn.Linear`` modules without hooks (wrapped, e.g. by an
+        adapter or a parametrization: then the concatenation would not compute them)."""
         ws = []
-        for name in names[:-1]:
+        for name in self._fused_input_names()[:-1]:
             m = self._modules[self._PROJECTIONS[name]]
-            if type(m) is not nn.Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks:
+            if not _plain_linear(m):
                 return None
             ws.append(m.weight)
         ws.append(self.learnable_ttt_lr_weight)
+        return ws
+
+    def _fused_input_weight(self, ws: list[Tensor]) -> Tensor | None:
+        """The weights ``ws`` concatenated (cached), or None when some of them does not own its storage (a
+        view into a shared buffer, e.g. FSDP's gathered parameters, can change without its version
+        counter showing it)."""
         return self._cached("_fused_weight_cache", ws,
                             lambda: torch.cat([w.detach().reshape(-1, self.hidden_size) for w in ws]))
+
+    def _output_projection(self, y: Tensor, inference: bool) -> Tensor:
+        """``o_proj(y)``; at inference on the CPU from its packed weight where that applies."""
+        m = self.o_proj
+        if inference and y.device.type == "cpu" and _plain_linear(m):
+            rows = y.numel() // y.shape[-1]
+            packed = self._packed_weight("_packed_output_cache", [m.weight], m.weight, rows)
+            if packed is not None:
+                return packed_linear(y, packed)
+        return m(y)
+
+    def _packed_weight(self, slot: str, params: list[Tensor], weight: Tensor,
+                       rows: int) -> PackedWeight | None:
+        """``weight`` (derived from ``params``) packed for ``rows``-row inputs (``ttt.ops.linear``), or None:
+        where packing does not apply, and on the first call with a row count (packing costs about two of
+        the GEMM's own packings: a row count seen once would not repay it). Kept per row count and thread
+        count, for the last three, and rebuilt when any of ``params`` changes (see :meth:`_cached`)."""
+        if not (self.pack_weights and weight.dtype == torch.float32 and weight.device.type == "cpu"
+                and packing_available()):
+            return None
+        packs = self._cached(slot, params, dict)
+        if packs is None:
+            return None
+        key = (rows, torch.get_num_threads())  # MKL lays a packing out by the whole shape and thread count
+        if key not in packs:
+            packs[key] = None
+            if len(packs) > 3:
+                packs.pop(next(iter(packs)))
+            return None
+        packs[key] = packs.pop(key) or pack_weight(weight, rows)  # (re-inserted: most recently used last)
+        return packs[key]
 
     def _fused_input_names(self) -> tuple[str, ...]:
         return ("q", *(() if self.share_qk else ("k",)), "v", *(("g",) if self.use_gate else ()), "lr")
@@ -374,8 +420,8 @@ class TTTLayer(nn.Module):
         coef = self._cached("_coef_cache", [p], lambda: token_coefficients(p.detach())) if inference else None
         return token_coefficients(p) if coef is None else coef
 
-    def _cached(self, slot: str, params: list[Tensor], build) -> Tensor | None:
-        """``build()`` (a tensor derived from ``params``, for inference), kept in ``self.__dict__[slot]``
+    def _cached(self, slot: str, params: list[Tensor], build: Callable[[], Any]) -> Any | None:
+        """``build()`` (a value derived from ``params``, for inference), kept in ``self.__dict__[slot]``
         and rebuilt when any of ``params`` changes (in place, which bumps its version, or replaced);
         None when some parameter does not own its storage (then nothing is cached)."""
         if not all(_owns_storage(w) for w in params):

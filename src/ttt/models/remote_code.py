@@ -18,6 +18,8 @@ compiler, Triton or the C++ sources neither builds, warns nor fails:
   (``ops/extension.py``) is replaced by a stub, so the builder is not bundled;
 * the normalisations (``ops/norm.py``) and the SwiGLU gate (``ops/swiglu.py``) likewise get an
   ``_extension`` that returns ``None`` (their PyTorch references run) and the builder stub;
+* the packed GEMM (``ops/linear.py``) likewise gets an ``_extension`` that returns ``None`` (so the
+  layers keep ``F.linear``) and the builder stub;
 * the decode step (``ops/decode.py``) gets a ``_fused_decoder`` that returns ``None`` (the PyTorch step).
 
 Each hook names what it replaces; if the package's module no longer defines it, generating the bundle
@@ -66,6 +68,11 @@ def _extension():
     """The exported copy never builds the compiled SwiGLU: the PyTorch reference runs."""
     return None
 '''),
+    "ttt.ops.linear": (("def _extension(", "def packing_available(", "def pack_weight("), _BANNER + '''\
+def _extension():
+    """The exported copy never builds the packed GEMM: pack_weight returns None, layers use F.linear."""
+    return None
+'''),
     "ttt.ops.decode": (("def _fused_decoder(", "fused = _fused_decoder("), _BANNER + '''\
 def _fused_decoder(xq, tensors, state):
     """The exported copy always takes the PyTorch decode step (the Triton kernels are not bundled)."""
@@ -81,6 +88,7 @@ _STUBS: dict[tuple[str, str], str] = {
     ("ttt.ops.conv", "ttt.ops.extension"): _NO_BUILDER,
     ("ttt.ops.norm", "ttt.ops.extension"): _NO_BUILDER,
     ("ttt.ops.swiglu", "ttt.ops.extension"): _NO_BUILDER,
+    ("ttt.ops.linear", "ttt.ops.extension"): _NO_BUILDER,
 }
 
 
