@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ttt.layers import TTTMLP, TTTLayer, TTTLayerState, TTTLinear
-from ttt.ops.linear import PackedWeight, packing_available
+from ttt.ops.linear import PACK_MIN_ROWS, PackedWeight, packing_available
 
 # every test here runs once per CPU scan backend (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("scan_backend")
@@ -211,14 +211,14 @@ def test_inference_results_do_not_alias_scratch(kind, share_qk, use_gate) -> Non
 @pytest.mark.parametrize("kind,share_qk,use_gate", [("linear", False, False), ("mlp", True, True)])
 def test_inference_packed_weights(kind, share_qk, use_gate) -> None:
     """float32 inference on the CPU runs the fused input projections and ``o_proj`` from weights packed
-    for MKL's GEMM (ttt.ops.linear), from the second call with a row count on: every call equals the
-    autograd path, also after in-place updates of the weights, with other row counts in between and
-    with another thread count; ``pack_weights = False`` and a platform without the packed GEMM give the
-    same outputs without packing."""
+    for MKL's GEMM (ttt.ops.linear), from the second call with a row count on (and from PACK_MIN_ROWS
+    rows): every call equals the autograd path, also after in-place updates of the weights, with other
+    row counts in between (decode steps are not packed) and with another thread count;
+    ``pack_weights = False`` gives the same outputs without packing."""
     if not packing_available():
         pytest.skip("this PyTorch build has no MKL packed GEMM")
     layer, _ = make_pair(kind, share_qk, use_gate, torch.float32)
-    xs = {37: torch.randn(2, 37, 32), 45: torch.randn(2, 45, 32), 1: torch.randn(2, 1, 32)}
+    xs = {70: torch.randn(2, 70, 32), 77: torch.randn(2, 77, 32), 1: torch.randn(2, 1, 32)}
     slots = ("_packed_input_cache", "_packed_output_cache")
 
     def check(n: int, msg: str) -> torch.Tensor:
@@ -229,37 +229,38 @@ def test_inference_packed_weights(kind, share_qk, use_gate) -> None:
         assert_rel_close(st.inner.W1, st_ref.inner.W1.detach(), 1e-5, f"{msg}: state")
         return out
 
-    key = (2 * 37, torch.get_num_threads())
-    check(37, "first call")
+    assert PACK_MIN_ROWS <= 140
+    key = (140, torch.get_num_threads())
+    check(70, "first call")
     assert all(layer.__dict__[s][1][key] is None for s in slots)  # seen once: not packed yet
     for step in range(2):
-        check(37, f"packed, step {step}")
+        check(70, f"packed, step {step}")
         assert all(isinstance(layer.__dict__[s][1][key], PackedWeight) for s in slots)
-    for n in (45, 45, 1, 1, 37):  # other row counts in between (prefill and decode)
+    for n in (77, 77, 1, 1, 70):  # other row counts in between (prefill and decode)
         check(n, f"{n} tokens")
-    assert {k[0] for k in layer.__dict__["_packed_output_cache"][1]} == {74, 90, 2}
+    assert {k[0] for k in layer.__dict__["_packed_output_cache"][1]} == {140, 154}
     with torch.no_grad():  # an optimizer step: the packings are made anew from the new weights
         layer.o_proj.weight.mul_(1.5)
         layer.q_proj.weight.add_(0.02)
     before = {s: layer.__dict__[s][1] for s in slots}
     for step in range(2):
-        check(37, f"after an update, step {step}")
+        check(70, f"after an update, step {step}")
     assert all(layer.__dict__[s][1] is not before[s] for s in slots)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for step in range(2):
-            check(37, f"1 thread, step {step}")
-        assert (74, 1) in layer.__dict__["_packed_output_cache"][1]
+            check(70, f"1 thread, step {step}")
+        assert (140, 1) in layer.__dict__["_packed_output_cache"][1]
     finally:
         torch.set_num_threads(threads)
     with torch.no_grad():
-        packed = layer(xs[37])[0]
+        packed = layer(xs[70])[0]
         TTTLayer.pack_weights = False
         try:
             for s in slots:
                 del layer.__dict__[s]
-            plain = layer(xs[37])[0]
+            plain = layer(xs[70])[0]
             assert not any(s in layer.__dict__ for s in slots)
         finally:
             TTTLayer.pack_weights = True
@@ -271,7 +272,7 @@ def test_inference_without_packed_gemm(monkeypatch) -> None:
     import ttt.layers.ttt_layer as module
 
     layer, _ = make_pair("linear", False, False, torch.float32)
-    x = torch.randn(2, 37, 32)
+    x = torch.randn(2, 70, 32)
     ref, _ = layer(x)
     monkeypatch.setattr(module, "packing_available", lambda: False)
     with torch.no_grad():
