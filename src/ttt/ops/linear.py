@@ -13,8 +13,8 @@ and :func:`packed_linear` computes ``x W^T`` from it (optionally into ``out``). 
 the CPU where the PyTorch build has MKL's packed routines (:func:`packing_available`, which also checks
 one small product against the reference once); elsewhere :func:`pack_weight` returns None and callers
 keep ``F.linear``. Measured on the project's 2-core CPU, a 2k-token TTT-Linear layer forward at width 768
-(input projections ``[2048 x 768] x [768 x 2316]`` and ``o_proj``) took about 0.93x of its time with
-``torch.matmul`` (docs/benchmarks.md).
+(input projections ``[2048 x 768] x [768 x 2316]`` and ``o_proj``, cold weights as inside a model) took
+0.93-0.98x of its time with ``torch.matmul`` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
