@@ -49,8 +49,9 @@ TRAIN_SHAPE = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads"
                "intermediate_size": 1376}
 
 
-def _summary(times: list[float]) -> dict[str, float]:
-    return {"min_s": min(times), "median_s": statistics.median(times), "runs": len(times)}
+def _summary(times: list[float]) -> dict[str, Any]:
+    """Min / median and the per-round seconds (``times_s``, in round order: paired statistics)."""
+    return {"min_s": min(times), "median_s": statistics.median(times), "runs": len(times), "times_s": times}
 
 
 def _ttt_arch_name(arch: str, backend: str) -> str:
@@ -179,6 +180,8 @@ def table(payload: dict[str, Any]) -> str:
         if "fraction_in_rounds" in f:
             text += (f"; {100 * f['fraction_in_rounds']:.0f}% of the {f['matmul_gflops_in_rounds']:.1f} "
                      f"GFLOP/s of a {MATMUL_N}-square matmul timed in the same rounds")
+        if "fraction_paired" in f:
+            text += f" ({100 * f['fraction_paired']:.0f}% as the median of the per-round ratios)"
     return text + "\n"
 
 
@@ -197,17 +200,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "layer" in args.workloads:
             recs = layer_workload(length, backends, args.rounds, device)
             mm = next(r for r in recs if r["model"] == "matmul")
-            in_rounds = 2 * MATMUL_N**3 / mm["median_s"] / 1e9
+            mm_flops = 2 * MATMUL_N**3
+            in_rounds = mm_flops / mm["median_s"] / 1e9
             results += [r for r in recs if r is not mm]
             flops = ttt_linear_forward_flops(1, length, 768, 12, 16)
             for r in recs:
                 if r["model"].startswith("ttt-linear[") and r["mode"] == "fwd":
                     gf = flops / r["median_s"] / 1e9
                     best = flops / r["min_s"] / 1e9  # the best call, like the peak (the best of its calls)
+                    # each round's layer rate over the same round's matmul rate: a drift of the machine's
+                    # speed within the run cancels round by round (the medians above come from any rounds)
+                    paired = statistics.median((flops / t) / (mm_flops / t_mm)
+                                               for t, t_mm in zip(r["times_s"], mm["times_s"], strict=True))
                     fractions.append({"backend": r["model"][11:-1], "length": length, "gflops": gf,
                                       "fraction": gf / peak, "best_gflops": best,
                                       "fraction_best": best / peak, "matmul_gflops_in_rounds": in_rounds,
-                                      "fraction_in_rounds": gf / in_rounds})
+                                      "fraction_in_rounds": gf / in_rounds, "fraction_paired": paired})
         if "forward" in args.workloads:
             results += forward_workload(length, backends, args.rounds, device, args.model_size)
         if "train" in args.workloads:
