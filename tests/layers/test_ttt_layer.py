@@ -269,7 +269,7 @@ def test_inference_packed_weights(kind, share_qk, use_gate) -> None:
 
 def test_inference_without_packed_gemm(monkeypatch) -> None:
     """Where the packed GEMM is missing (no MKL), inference keeps torch.matmul: same outputs."""
-    import ttt.layers.ttt_layer as module
+    import ttt.ops.linear as module
 
     layer, _ = make_pair("linear", False, False, torch.float32)
     x = torch.randn(2, 70, 32)

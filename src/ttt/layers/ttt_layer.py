@@ -14,7 +14,7 @@ from ..ops.conv import causal_conv1d
 from ..ops.decode import ttt_step
 from ..ops.dual import ttt_dual_heads
 from ..ops.functional import gelu_tanh, rope_adjacent, token_coefficients
-from ..ops.linear import PACK_MIN_ROWS, PackedWeight, pack_weight, packed_linear, packing_available
+from ..ops.linear import PACK_MIN_ROWS, PackedWeight, pack_weight, packable, packed_linear
 from ..ops.norm import gated_layer_norm_
 from ..ops.reference import ttt_reference
 from ..ops.scan import BACKENDS
@@ -393,8 +393,7 @@ class TTTLayer(nn.Module):
         and on the first call with a row count (packing costs about two of the GEMM's own packings: a row
         count seen once would not repay it). Kept per row count and thread count, for the last three,
         and rebuilt when any of ``params`` changes (see :meth:`_cached`)."""
-        if not (self.pack_weights and rows >= PACK_MIN_ROWS and weight.dtype == torch.float32
-                and weight.device.type == "cpu" and packing_available()):
+        if not (self.pack_weights and rows >= PACK_MIN_ROWS and packable(weight, rows)):
             return None
         packs = self._cached(slot, params, dict)
         if packs is None:

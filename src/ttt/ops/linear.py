@@ -84,13 +84,18 @@ def packing_available() -> bool:
     return _extension() is not None
 
 
+def packable(weight: Tensor, rows: int) -> bool:
+    """Whether :func:`pack_weight` packs ``weight`` for ``rows`` rows: a non-empty float32 CPU matrix, sizes
+    within 32 bits, and the packed GEMM available here (checked last: it builds the library)."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+            and weight.numel() > 0 and rows >= 1 and max(rows, *weight.shape) <= _INT_MAX
+            and packing_available())
+
+
 def pack_weight(weight: Tensor, rows: int) -> PackedWeight | None:
-    """``weight [N, K]`` packed for ``rows``-row inputs, or None where packing does not apply (not a
-    float32 CPU matrix, sizes beyond 32-bit, or no packed GEMM here)."""
-    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2 or rows < 1
-            or max(rows, *weight.shape) > _INT_MAX or weight.numel() == 0):
-        return None
-    if not packing_available():
+    """``weight [N, K]`` packed for ``rows``-row inputs, or None where packing does not apply (see
+    :func:`packable`)."""
+    if not packable(weight, rows):
         return None
     with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in and out of inference mode
         data = _extension().pack(weight.detach(), rows)
