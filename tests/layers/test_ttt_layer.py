@@ -5,7 +5,9 @@ Tolerances: float64 1e-10; float32 rtol/atol 1e-5; bf16 relative L2 error < 3e-2
 
 from __future__ import annotations
 
+import copy
 import itertools
+import pickle
 
 import pytest
 import torch
@@ -265,6 +267,28 @@ def test_inference_packed_weights(kind, share_qk, use_gate) -> None:
         finally:
             TTTLayer.pack_weights = True
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_inference_caches_are_not_copied(how) -> None:
+    """A copy of a layer (``copy.deepcopy``, pickling the module) leaves the inference caches (fused and
+    packed weights, token coefficients) behind and derives its own: same outputs as the original, also
+    after the copy's weights change. (A packed weight is tied to its address: copied, it would be
+    refused by the packed GEMM or, without that check, give wrong products.)"""
+    layer, _ = make_pair("linear", False, True, torch.float32)
+    x = torch.randn(2, 70, 32)
+    slots = ("_fused_weight_cache", "_packed_input_cache", "_packed_output_cache", "_coef_cache")
+    with torch.no_grad():
+        for _ in range(3):  # packed from the second call on (where the packed GEMM is available)
+            ref = layer(x)[0]
+        assert all(layer.__dict__.get(s) is not None for s in ("_fused_weight_cache", "_coef_cache"))
+        twin = copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
+        assert all(twin.__dict__.get(s) is None for s in slots)
+        for _ in range(3):
+            torch.testing.assert_close(twin(x)[0], ref, rtol=0, atol=0)
+        twin.o_proj.weight.mul_(2)
+        torch.testing.assert_close(twin(x)[0], 2 * ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer(x)[0], ref, rtol=0, atol=0)
 
 
 def test_inference_without_packed_gemm(monkeypatch) -> None:

@@ -6,6 +6,7 @@ possibly different order), with inputs of unit scale and weights of scale ``1 / 
 
 from __future__ import annotations
 
+import copy
 import platform
 
 import pytest
@@ -99,6 +100,37 @@ def test_bad_inputs() -> None:
         packed_linear(x.requires_grad_(), p)
     with pytest.raises(RuntimeError, match="not a packed weight"):  # the C++ op checks its header
         L._extension().linear_out(x.detach(), torch.zeros(200, dtype=torch.uint8), torch.empty(4, 8))
+
+
+def test_a_copied_packing_is_refused(tmp_path) -> None:
+    """MKL's packed data is tied to its address: a copy of the packed tensor (clone, deepcopy, a round trip
+    through a file) gives a one-line error instead of a wrong product; the original keeps working."""
+    _needs_packing()
+    x, w = _operands(16, 40, 24)
+    p = pack_weight(w, 16)
+    torch.save(p.data, tmp_path / "packed.pt")
+    copies = {"clone": p.data.clone(), "deepcopy": copy.deepcopy(p).data,
+              "file": torch.load(tmp_path / "packed.pt", weights_only=True)}
+    with torch.no_grad():
+        for how, data in copies.items():
+            assert torch.equal(data, p.data), how  # byte for byte the same...
+            with pytest.raises(RuntimeError, match="copied or moved from where it was packed"):
+                packed_linear(x, PackedWeight(data, 16, 40, 24))  # ...and refused
+        torch.testing.assert_close(packed_linear(x, p), linear_reference(x, w), **TOL)
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="huge-page allocation is Linux-only")
+def test_large_packings_are_huge_page_aligned() -> None:
+    """On Linux the packing of a weight of 4 MiB or more gets its own 2 MiB-aligned allocation (advised for
+    transparent huge pages); smaller ones come from ATen's allocator. Both compute the same product."""
+    _needs_packing()
+    for rows, n, k in ((256, 2316, 768), (64, 768, 768)):
+        x, w = _operands(rows, n, k)
+        p = pack_weight(w, rows)
+        if w.numel() * 4 >= 4 << 20:
+            assert p.data.data_ptr() % (1 << 21) == 0
+        with torch.no_grad():
+            torch.testing.assert_close(packed_linear(x, p), linear_reference(x, w), **TOL)
 
 
 def test_where_packing_does_not_apply() -> None:

@@ -66,6 +66,26 @@ def _owns_storage(w: Tensor) -> bool:
             and w.untyped_storage().nbytes() == w.numel() * w.element_size())
 
 
+def _dropped() -> None:
+    """What an unpickled :class:`_Derived` becomes."""
+    return None
+
+
+class _Derived(tuple):
+    """``(key, value)``: a value derived from parameters for inference (:meth:`TTTLayer._cached`). A copy of
+    the module (``copy.deepcopy``, pickling) leaves it behind (None), so the copy derives its own from its
+    own parameters: a stale copy would be rebuilt on its first use anyway (the key names the parameters
+    by identity), and a packed weight is tied to the address it was packed at."""
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self) -> tuple:
+        return (_dropped, ())
+
+
 def _plain_linear(m: nn.Module) -> bool:
     """``m`` is a plain bias-free ``nn.Linear`` without hooks (so its weight alone computes it)."""
     return type(m) is nn.Linear and m.bias is None and not (m._forward_hooks or m._forward_pre_hooks)
@@ -423,7 +443,8 @@ class TTTLayer(nn.Module):
     def _cached(self, slot: str, params: list[Tensor], build: Callable[[], Any]) -> Any | None:
         """``build()`` (a value derived from ``params``, for inference), kept in ``self.__dict__[slot]``
         and rebuilt when any of ``params`` changes (in place, which bumps its version, or replaced);
-        None when some parameter does not own its storage (then nothing is cached)."""
+        None when some parameter does not own its storage (then nothing is cached). Copies of the module
+        do not carry it (:class:`_Derived`)."""
         if not all(_owns_storage(w) for w in params):
             self.__dict__.pop(slot, None)
             return None
@@ -431,7 +452,7 @@ class TTTLayer(nn.Module):
         cache = self.__dict__.get(slot)
         if cache is None or cache[0] != key:
             with torch.inference_mode(False):  # a normal tensor even when first built in inference mode
-                cache = (key, build())
+                cache = _Derived((key, build()))
             self.__dict__[slot] = cache
         return cache[1]
 

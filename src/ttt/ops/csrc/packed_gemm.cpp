@@ -10,15 +10,31 @@
 //                                      the whole shape, so a packing serves one row count)
 //   linear_out(x [rows, K], packed, out [rows, N])   out = x W^T
 //
-// The packed tensor starts with a 64-byte header of ours (magic, rows, N, K), checked by linear_out, so
-// a packing cannot be used with a shape it was not made for; MKL's own data follows it. MKL's LP64
-// interface (32-bit integers) is the one PyTorch links: every dimension and leading dimension must fit.
+// The packed tensor starts with a 64-byte header of ours (magic, rows, N, K, its own address), checked by
+// linear_out, so a packing cannot be used with a shape it was not made for; MKL's own data follows it.
+// MKL's packed data is tied to the address it was packed at (a byte-for-byte copy elsewhere gives wrong
+// products or crashes), so a copy of the tensor (clone, pickle, a move to other memory) is refused
+// rather than used: pack the weight again. MKL's LP64 interface (32-bit integers) is the one PyTorch
+// links: every dimension and leading dimension must fit.
+//
+// The packing is read whole on every call, often after other work has pushed it out of the caches and
+// TLBs. On Linux the packing of a weight of kHugeMin bytes or more lives on its own 2 MiB-aligned
+// allocation advised for transparent huge pages (one TLB entry per 2 MiB instead of 512, where the
+// kernel grants them); the rest in ATen's memory. MKL writes its data in a few runs spread over the
+// buffer it asks for: huge pages make the 2 MiB regions those runs touch resident (measured: 10 MiB for
+// the 7 MiB weight of a 768-wide layer's fused input projections, 7 MiB with 4 KiB pages; 6 MiB for a
+// 2.3 MiB 768 x 768 weight, which gained nothing measurable from them, hence the threshold).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #if defined(__ELF__)
 extern "C" {
@@ -50,7 +66,27 @@ bool fits_int(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max()
 
 struct Header {
   int64_t magic, rows, n, k;
+  uint64_t addr;  // where the tensor's data was when packed
 };
+static_assert(sizeof(Header) <= kHeader, "the header must fit before MKL's data");
+
+constexpr int64_t kHugeMin = int64_t(4) << 20;  // weight bytes from which a packing gets huge pages
+
+// `bytes` of uninitialised CPU memory as a uint8 tensor, on huge pages where `huge` and Linux
+at::Tensor alloc_bytes(int64_t bytes, bool huge, const at::TensorOptions& opts) {
+#if defined(__linux__)
+  constexpr size_t kHuge = size_t(1) << 21;
+  const size_t rounded = (size_t(bytes) + kHuge - 1) / kHuge * kHuge;
+  void* p = nullptr;
+  if (huge && posix_memalign(&p, kHuge, rounded) == 0) {
+    madvise(p, rounded, MADV_HUGEPAGE);  // a hint: without THP (or refused) the pages stay 4 KiB
+    return at::from_blob(p, {bytes}, [](void* q) { std::free(q); }, opts);
+  }
+#else
+  (void)huge;
+#endif
+  return at::empty({bytes}, opts);
+}
 
 Header header_of(const at::Tensor& packed) {
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 1 && packed.is_contiguous() &&
@@ -59,6 +95,9 @@ Header header_of(const at::Tensor& packed) {
   Header h;
   std::memcpy(&h, packed.data_ptr<uint8_t>(), sizeof(h));
   TORCH_CHECK(h.magic == kMagic, "ttt_gemm: not a packed weight (bad header)");
+  TORCH_CHECK(h.addr == reinterpret_cast<uintptr_t>(packed.data_ptr()),
+              "ttt_gemm: this packed weight was copied or moved from where it was packed (MKL's packing is "
+              "tied to its address): pack the weight again");
   return h;
 }
 
@@ -73,9 +112,10 @@ at::Tensor pack(const at::Tensor& w, int64_t rows) {
 #ifdef TTT_PACKED_GEMM_LINKABLE
   // y [rows, N] = x [rows, K] B with B = W^T (W stored [N, K] row-major: op(B) = trans)
   const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(rows), int(n), int(k));
-  at::Tensor out = at::empty({kHeader + int64_t(bytes)}, w.options().dtype(at::kByte));
+  at::Tensor out = alloc_bytes(kHeader + int64_t(bytes), n * k * int64_t(sizeof(float)) >= kHugeMin,
+                               w.options().dtype(at::kByte));
   uint8_t* base = out.data_ptr<uint8_t>();
-  const Header h{kMagic, rows, n, k};
+  const Header h{kMagic, rows, n, k, reinterpret_cast<uintptr_t>(base)};
   std::memset(base, 0, kHeader);
   std::memcpy(base, &h, sizeof(h));
   cblas_sgemm_pack(kRowMajor, kBMatrix, kTrans, int(rows), int(n), int(k), 1.0f, wc.data_ptr<float>(), int(k),
