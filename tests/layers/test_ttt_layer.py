@@ -142,7 +142,7 @@ def test_inference_fused_projections(kind, share_qk, use_gate) -> None:
             (out, state), (out_r, state_r) = fast(x), ref(x)
             assert_rel_close(out, out_r, 1e-10, f"output, step {step}")
             assert_rel_close(state.inner.W1, state_r.inner.W1, 1e-10, f"state, step {step}")
-            assert "_fused_weight_cache" in fast.__dict__ and "_coef_cache" in fast.__dict__
+            assert fast.__dict__["_inference_cache"][1].fused is not None
             for layer in (fast, ref):  # an in-place update (an optimizer step) must reach the caches
                 layer.v_proj.weight.mul_(1.5)
                 layer.learnable_ttt_lr_weight.add_(0.1)
@@ -221,7 +221,10 @@ def test_inference_packed_weights(kind, share_qk, use_gate) -> None:
         pytest.skip("this PyTorch build has no MKL packed GEMM")
     layer, _ = make_pair(kind, share_qk, use_gate, torch.float32)
     xs = {70: torch.randn(2, 70, 32), 77: torch.randn(2, 77, 32), 1: torch.randn(2, 1, 32)}
-    slots = ("_packed_input_cache", "_packed_output_cache")
+    names = ("input", "output")
+
+    def packs() -> dict:  # name -> {(rows, threads): packing}
+        return layer.__dict__["_inference_cache"][1].packs
 
     def check(n: int, msg: str) -> torch.Tensor:
         with torch.no_grad():
@@ -234,36 +237,35 @@ def test_inference_packed_weights(kind, share_qk, use_gate) -> None:
     assert PACK_MIN_ROWS <= 140
     key = (140, torch.get_num_threads())
     check(70, "first call")
-    assert all(layer.__dict__[s][1][key] is None for s in slots)  # seen once: not packed yet
+    assert all(packs()[n][key] is None for n in names)  # seen once: not packed yet
     for step in range(2):
         check(70, f"packed, step {step}")
-        assert all(isinstance(layer.__dict__[s][1][key], PackedWeight) for s in slots)
+        assert all(isinstance(packs()[n][key], PackedWeight) for n in names)
     for n in (77, 77, 1, 1, 70):  # other row counts in between (prefill and decode)
         check(n, f"{n} tokens")
-    assert {k[0] for k in layer.__dict__["_packed_output_cache"][1]} == {140, 154}
+    assert {k[0] for k in packs()["output"]} == {140, 154}
     with torch.no_grad():  # an optimizer step: the packings are made anew from the new weights
         layer.o_proj.weight.mul_(1.5)
         layer.q_proj.weight.add_(0.02)
-    before = {s: layer.__dict__[s][1] for s in slots}
+    before = packs()
     for step in range(2):
         check(70, f"after an update, step {step}")
-    assert all(layer.__dict__[s][1] is not before[s] for s in slots)
+    assert packs() is not before and all(isinstance(packs()[n][key], PackedWeight) for n in names)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for step in range(2):
             check(70, f"1 thread, step {step}")
-        assert (140, 1) in layer.__dict__["_packed_output_cache"][1]
+        assert (140, 1) in packs()["output"]
     finally:
         torch.set_num_threads(threads)
     with torch.no_grad():
         packed = layer(xs[70])[0]
         TTTLayer.pack_weights = False
         try:
-            for s in slots:
-                del layer.__dict__[s]
+            del layer.__dict__["_inference_cache"]
             plain = layer(xs[70])[0]
-            assert not any(s in layer.__dict__ for s in slots)
+            assert packs() == {}
         finally:
             TTTLayer.pack_weights = True
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-6)
@@ -277,13 +279,12 @@ def test_inference_caches_are_not_copied(how) -> None:
     refused by the packed GEMM or, without that check, give wrong products.)"""
     layer, _ = make_pair("linear", False, True, torch.float32)
     x = torch.randn(2, 70, 32)
-    slots = ("_fused_weight_cache", "_packed_input_cache", "_packed_output_cache", "_coef_cache")
     with torch.no_grad():
         for _ in range(3):  # packed from the second call on (where the packed GEMM is available)
             ref = layer(x)[0]
-        assert all(layer.__dict__.get(s) is not None for s in ("_fused_weight_cache", "_coef_cache"))
+        assert layer.__dict__["_inference_cache"][1].fused is not None
         twin = copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
-        assert all(twin.__dict__.get(s) is None for s in slots)
+        assert twin.__dict__.get("_inference_cache") is None
         for _ in range(3):
             torch.testing.assert_close(twin(x)[0], ref, rtol=0, atol=0)
         twin.o_proj.weight.mul_(2)
@@ -303,7 +304,7 @@ def test_inference_without_packed_gemm(monkeypatch) -> None:
         for step in range(3):
             out, _ = layer(x)
             assert_rel_close(out, ref.detach(), 1e-5, f"step {step}")
-    assert "_packed_input_cache" not in layer.__dict__ and "_packed_output_cache" not in layer.__dict__
+    assert layer.__dict__["_inference_cache"][1].packs == {}
 
 
 def test_inference_projections_not_fused_on_shared_storage() -> None:
@@ -319,7 +320,7 @@ def test_inference_projections_not_fused_on_shared_storage() -> None:
     x = torch.randn(1, 8, 32, dtype=torch.float64)
     with torch.no_grad():
         out, _ = layer(x)
-        assert "_fused_weight_cache" not in layer.__dict__ and "_coef_cache" not in layer.__dict__
+        assert "_inference_cache" not in layer.__dict__
         TTTLayer.fuse_projections = False
         try:
             ref, _ = layer(x)

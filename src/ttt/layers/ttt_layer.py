@@ -86,6 +86,19 @@ class _Derived(tuple):
         return (_dropped, ())
 
 
+@dataclass
+class _InferenceWeights:
+    """What inference derives from a layer's parameters, kept between calls (:meth:`TTTLayer._cached`):
+    the input projections' weights concatenated (None when they cannot be fused or fusing is off), the
+    token coefficients, and MKL packings of the fused weight and ``o_proj``'s (``packs[name][(rows,
+    threads)]``). Small ops and lookups cost far more than their arithmetic right after the GEMMs (their
+    code and data are out of the caches), so one cache, checked once per call, serves all of them."""
+
+    fused: Tensor | None
+    coef: Tensor
+    packs: dict[str, dict[tuple[int, int], PackedWeight | None]]
+
+
 def _plain_linear(m: nn.Module) -> bool:
     """``m`` is a plain bias-free ``nn.Linear`` without hooks (so its weight alone computes it)."""
     return type(m) is nn.Linear and m.bias is None and not (m._forward_hooks or m._forward_pre_hooks)
@@ -283,13 +296,13 @@ class TTTLayer(nn.Module):
         # inference on the CPU: the big intermediates in reusable huge-page scratch (ttt.ops.workspace);
         # none of them leaves this call
         reuse = inference and x.device.type == "cpu"
-        ws = self._fused_input_params() if self.fuse_projections and inference else None
-        w = self._fused_input_weight(ws) if ws is not None else None
+        derived = self._inference_weights() if inference else None
+        w = derived.fused if derived is not None else None
         if w is not None:
             # inference: the projections of x (q, k, v, gate, learning-rate gate) as one GEMM
             if reuse:
                 buf = scratch("ttt.layer.projections", (bsz, length, len(w)), x.dtype)
-                packed = self._packed_weight("_packed_input_cache", ws, w, bsz * length)
+                packed = self._packed(derived, "input", w, bsz * length)
                 y = torch.matmul(x, w.t(), out=buf) if packed is None else packed_linear(x, packed, out=buf)
             else:
                 y = F.linear(x, w)
@@ -322,7 +335,7 @@ class TTTLayer(nn.Module):
             lr.div_(f)
         else:
             lr = self.ttt_base_lr * torch.sigmoid((logits + bias).to(_inner_dtype(x.dtype))) / f
-        coef = self._token_coefficients(inference)
+        coef = derived.coef if derived is not None else token_coefficients(self.learnable_token_idx)
         # the inner loop runs in the state's dtype (fp32 for half models): keep autocast out of it
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.impl == "dual" and length != 1:  # [B, L, H, F] views in, [B, L, H, F] out
@@ -354,7 +367,7 @@ class TTTLayer(nn.Module):
             out = self.post_norm(out)
             if gate is not None:
                 out = gelu_tanh(gate) * out
-        out = self._output_projection(out, inference)
+        out = self._output_projection(out, derived)
         if lengths is not None:
             valid = torch.arange(length, device=x.device).view(1, length) < lengths.to(x.device).view(bsz, 1)
             out = out * valid.unsqueeze(-1).to(out.dtype)
@@ -389,35 +402,41 @@ class TTTLayer(nn.Module):
         ws.append(self.learnable_ttt_lr_weight)
         return ws
 
-    def _fused_input_weight(self, ws: list[Tensor]) -> Tensor | None:
-        """The weights ``ws`` concatenated (cached), or None when some of them does not own its storage (a
-        view into a shared buffer, e.g. FSDP's gathered parameters, can change without its version
-        counter showing it)."""
-        return self._cached("_fused_weight_cache", ws,
-                            lambda: torch.cat([w.detach().reshape(-1, self.hidden_size) for w in ws]))
+    def _inference_weights(self) -> _InferenceWeights | None:
+        """The values inference derives from the parameters (:class:`_InferenceWeights`), from one cache
+        checked once per call; None when some parameter involved does not own its storage (then nothing
+        is cached and the plain modules run)."""
+        fused = self._fused_input_params() if self.fuse_projections else None
+        out = [self.o_proj.weight] if _plain_linear(self.o_proj) else []
+        params = [*(fused or []), *out, self.learnable_token_idx]
 
-    def _output_projection(self, y: Tensor, inference: bool) -> Tensor:
+        def build() -> _InferenceWeights:
+            cat = None if fused is None else torch.cat([w.detach().reshape(-1, self.hidden_size)
+                                                        for w in fused])
+            return _InferenceWeights(cat, token_coefficients(self.learnable_token_idx.detach()), {})
+
+        return self._cached("_inference_cache", params, build)
+
+    def _output_projection(self, y: Tensor, derived: _InferenceWeights | None) -> Tensor:
         """``o_proj(y)``; at inference on the CPU from its packed weight where that applies."""
         m = self.o_proj
-        if inference and y.device.type == "cpu" and _plain_linear(m):
-            rows = y.numel() // y.shape[-1]
-            packed = self._packed_weight("_packed_output_cache", [m.weight], m.weight, rows)
+        if derived is not None and y.device.type == "cpu" and _plain_linear(m):
+            packed = self._packed(derived, "output", m.weight, y.numel() // y.shape[-1])
             if packed is not None:
                 return packed_linear(y, packed)
         return m(y)
 
-    def _packed_weight(self, slot: str, params: list[Tensor], weight: Tensor,
-                       rows: int) -> PackedWeight | None:
-        """``weight`` (derived from ``params``) packed for ``rows``-row inputs (``ttt.ops.linear``), or None:
-        where packing does not apply or does not pay (fewer than ``PACK_MIN_ROWS`` rows, e.g. decoding),
-        and on the first call with a row count (packing costs about two of the GEMM's own packings: a row
-        count seen once would not repay it). Kept per row count and thread count, for the last three,
-        and rebuilt when any of ``params`` changes (see :meth:`_cached`)."""
+    def _packed(self, derived: _InferenceWeights, name: str, weight: Tensor,
+                rows: int) -> PackedWeight | None:
+        """``weight`` (the fused input weight or ``o_proj``'s, derived from the parameters of ``derived``)
+        packed for ``rows``-row inputs (``ttt.ops.linear``), or None: where packing does not apply or does
+        not pay (fewer than ``PACK_MIN_ROWS`` rows, e.g. decoding), and on the first call with a row count
+        (packing costs about two of the GEMM's own packings: a row count seen once would not repay it).
+        Kept per row count and thread count, for the last three of each weight, in ``derived`` (so made
+        anew when a parameter changes)."""
         if not (self.pack_weights and rows >= PACK_MIN_ROWS and packable(weight, rows)):
             return None
-        packs = self._cached(slot, params, dict)
-        if packs is None:
-            return None
+        packs = derived.packs.setdefault(name, {})
         key = (rows, torch.get_num_threads())  # MKL lays a packing out by the whole shape and thread count
         if key not in packs:
             packs[key] = None
@@ -432,13 +451,6 @@ class TTTLayer(nn.Module):
 
     def _fused_input_sizes(self) -> list[int]:
         return [self.hidden_size] * (len(self._fused_input_names()) - 1) + [self.num_heads]
-
-    def _token_coefficients(self, inference: bool) -> Tensor:
-        """``token_coefficients(learnable_token_idx)``; at inference from a cache (each tiny op costs far
-        more than its arithmetic there: right after the GEMMs its code and data are out of the caches)."""
-        p = self.learnable_token_idx
-        coef = self._cached("_coef_cache", [p], lambda: token_coefficients(p.detach())) if inference else None
-        return token_coefficients(p) if coef is None else coef
 
     def _cached(self, slot: str, params: list[Tensor], build: Callable[[], Any]) -> Any | None:
         """``build()`` (a value derived from ``params``, for inference), kept in ``self.__dict__[slot]``
