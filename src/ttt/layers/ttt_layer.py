@@ -379,7 +379,8 @@ class TTTLayer(nn.Module):
     # a second copy of those weights (3-4 D x D per layer); TTTLayer.fuse_projections = False saves it.
     fuse_projections = True
     # Inference on the CPU also runs those GEMMs (and o_proj) from weights packed once for MKL's kernel
-    # (ttt.ops.linear), one more copy of them per row count in use (at most three); False saves it.
+    # (ttt.ops.linear), one more copy of them per row count in use (at most three; the fused input weight's
+    # on huge pages, ~1.4x its size resident); False saves it.
     pack_weights = True
     _PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "g": "g_proj"}  # fused name -> module
 
