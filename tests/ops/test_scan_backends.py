@@ -221,6 +221,46 @@ def test_heads_fused_equals_reference(heads_calls, mlp, dtype, case) -> None:
 
 
 @pytest.mark.parametrize("mlp", [False, True], ids=["linear", "mlp"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_heads_learning_rate_gate(heads_calls, mlp, dtype) -> None:
+    """``lr_gate = (bias, base_lr)``: ``lr`` holds the gate's logits, here a strided [B, H, L] view of a
+    column block of a [B, L, D + H] tensor as in the layer. At inference the fused pass forms the
+    learning rates itself; composed, with autograd, or on the PyTorch backend ``ttt_learning_rate`` forms
+    them first. All equal the run given those learning rates (fp64 1e-12, fp32 1e-6 relative); a bias of
+    the wrong shape is a one-line error."""
+    from ttt.ops.functional import ttt_learning_rate
+
+    bsz, heads, length, f, mb = 2, 3, 20, 8, 4
+    inputs, weights = make_inputs(bsz, heads, length, f, mb, mlp, seed=5, dtype=dtype)
+    xq, xk, xv = (t.transpose(1, 2).contiguous() for t in inputs[:3])
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(bsz, length, heads * f + heads, generator=g, dtype=dtype)
+    logits = wide[..., heads * f:].transpose(1, 2)  # [B, H, L], strides (L * (D + H), 1, D + H)
+    bias, base = torch.randn(heads, generator=g, dtype=dtype), 0.7
+    lr = ttt_learning_rate(logits, bias, base, f)
+    state = InnerState.from_weights(tuple(weights), bsz)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+
+    def run(backend, gate):
+        return ttt_dual_heads(xq, xk, xv, logits if gate else lr, *inputs[4:], state, THETA, backend=backend,
+                              lr_gate=(bias, base) if gate else None)
+
+    with torch.no_grad():
+        ref = run("torch", False)
+        for backend, gate in (("cpp", True), ("cpp", False), ("torch", True)):
+            n = len(heads_calls)
+            out, st = run(backend, gate)
+            assert len(heads_calls) == n + (backend == "cpp")  # the cpp runs are the fused pass
+            assert rel_err(out, ref[0]) <= tol, (backend, gate, rel_err(out, ref[0]))
+            for a, b in zip(st.weights(), ref[1].weights(), strict=True):
+                assert rel_err(a, b) <= tol, (backend, gate)
+    out, _ = run("cpp", True)  # grad mode: the learning rates formed first, same result
+    assert rel_err(out.detach(), ref[0]) <= tol
+    with pytest.raises(ValueError, match=r"lr_gate bias must be \[3\]"):
+        ttt_dual_heads(xq, xk, xv, logits, *inputs[4:], state, THETA, lr_gate=(bias[:2], base))
+
+
+@pytest.mark.parametrize("mlp", [False, True], ids=["linear", "mlp"])
 def test_heads_fused_reads_strided_projections(heads_calls, mlp) -> None:
     """q, k, v as column blocks of one [B, L, 3D] tensor (and v with a non-unit feature stride): the
     same values and gradients as from contiguous copies."""

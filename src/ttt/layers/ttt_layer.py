@@ -327,7 +327,11 @@ class TTTLayer(nn.Module):
         # [B, H, L], from a strided column block of the fused projection output
         logits = proj["lr"].transpose(1, 2)
         bias = self.learnable_ttt_lr_bias.view(1, h, 1)
-        if inference:  # the same arithmetic in place, in a contiguous [B, H, L] (the scan's layout)
+        lr_gate = None
+        if inference and self.impl == "dual" and length != 1 and x.dtype == _inner_dtype(x.dtype):
+            # the dual form forms the learning rates from the logits (inside its compiled pass on the CPU)
+            lr, lr_gate = logits, (self.learnable_ttt_lr_bias.view(h), self.ttt_base_lr)
+        elif inference:  # the same arithmetic in place, in a contiguous [B, H, L] (the scan's layout)
             gate = torch.empty((bsz, h, length), dtype=_inner_dtype(x.dtype), device=x.device)
             lr = torch.add(logits, bias, out=gate).sigmoid_()  # (added in the input's dtype, as in training)
             if self.ttt_base_lr != 1.0:  # (x * 1 is x: skipped, same result)
@@ -344,7 +348,7 @@ class TTTLayer(nn.Module):
                 out, inner = ttt_dual_heads(xq, xk, xv, lr, coef, self.ttt_norm_weight, self.ttt_norm_bias,
                                             state.inner, self.rope_theta, lengths,
                                             remat_group_size=self.remat_group_size, backend=self.scan_backend,
-                                            out=buf)
+                                            out=buf, lr_gate=lr_gate)
             else:
                 xq, xk, xv = (t.view(bsz, length, h, f).transpose(1, 2) for t in (xq, xk, xv))
                 positions = (state.inner.pos.view(bsz, 1) + torch.arange(length, device=x.device)) \

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .functional import layer_norm, rope_adjacent
+from .functional import layer_norm, rope_adjacent, ttt_learning_rate
 from .scan import ttt_scan
 from .scan.fused import fused_backend, ttt_dual_heads_fused
 from .state import InnerState
@@ -200,7 +200,7 @@ def ttt_dual_heads_composed(
 def ttt_dual_heads(
     xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, coef: Tensor, ln_w: Tensor, ln_b: Tensor,
     state: InnerState, rope_theta: float, lengths: Tensor | None = None, remat_group_size: int = 0,
-    backend: str | None = None, out: Tensor | None = None,
+    backend: str | None = None, out: Tensor | None = None, lr_gate: tuple[Tensor, float] | None = None,
 ) -> tuple[Tensor, InnerState]:
     """The TTT layer's inner part on head-interleaved projections ``xq, xk, xv [B, L, H, F]``.
 
@@ -209,7 +209,10 @@ def ttt_dual_heads(
     ``out`` in the input's dtype. One fused compiled pass where :func:`ttt.ops.scan.fused.fused_backend`
     allows, else :func:`ttt_dual_heads_composed`. With ``out`` (a contiguous tensor shaped and typed like
     ``xq``, not overlapping the inputs) the result is written there and ``out`` is returned; the fused
-    pass then writes it directly (no autograd, the input's dtype the inner one).
+    pass then writes it directly (no autograd, the input's dtype the inner one). With ``lr_gate = (bias
+    [H], base_lr)``, ``lr`` holds the learning-rate gate's logits and the learning rates are
+    :func:`ttt.ops.functional.ttt_learning_rate` of them: formed inside the fused pass at inference
+    (read where they are, e.g. a strided view of the layer's projections), else by that function.
     """
     if xq.dim() != 4 or xk.shape != xq.shape or xv.shape != xq.shape:
         raise ValueError(f"xq/xk/xv must be [batch, length, heads, head_dim] alike, got {tuple(xq.shape)}, "
@@ -217,14 +220,18 @@ def ttt_dual_heads(
     bsz, length, heads, f = xq.shape
     _validate_rest((bsz, heads, length, f), xq.device, lr, coef, ln_w, ln_b, state, lengths)
     check_out(out, xq)
+    if lr_gate is not None and tuple(lr_gate[0].shape) != (heads,):
+        raise ValueError(f"lr_gate bias must be [{heads}], got {tuple(lr_gate[0].shape)}")
     impl = fused_backend(xq, coef, state, lengths, backend)
+    if lr_gate is not None and (impl is None or torch.is_grad_enabled()):
+        lr, lr_gate = ttt_learning_rate(lr, lr_gate[0], lr_gate[1], f), None
     if impl is None:
         res, new = ttt_dual_heads_composed(xq, xk, xv, lr, coef, ln_w, ln_b, state, rope_theta, lengths,
                                            remat_group_size, backend)
     else:
         direct = out if out is not None and out.dtype == state.W1.dtype else None
         res, new = ttt_dual_heads_fused(impl, xq, xk, xv, lr, coef, ln_w, ln_b, state, rope_theta,
-                                        remat_group_size, direct)
+                                        remat_group_size, direct, lr_gate)
         if res.dtype != xq.dtype:
             res = res.to(xq.dtype)
     if out is not None and res.data_ptr() != out.data_ptr():

@@ -99,6 +99,12 @@ def rope_adjacent(x: Tensor, positions: Tensor, theta: float = 10000.0, period: 
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
 
 
+def ttt_learning_rate(logits: Tensor, bias: Tensor, base_lr: float, head_dim: int) -> Tensor:
+    """The inner learning rates ``base_lr * sigmoid(logits + bias) / head_dim`` (math §4) of the gate's
+    logits ``[B, H, L]`` with a bias per head ``[H]``."""
+    return base_lr * torch.sigmoid(logits + bias.view(1, -1, 1)) / head_dim
+
+
 def token_coefficients(learnable_token_idx: Tensor) -> Tensor:
     """``coef_i = max(0, 1/(i+1) + delta_i)`` for the positions of a mini-batch (math §4)."""
     b = learnable_token_idx.shape[-1]

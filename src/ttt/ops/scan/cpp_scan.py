@@ -64,13 +64,16 @@ class CppBackend:
 
     def heads_forward(self, xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, coef: Tensor, ln_w: Tensor,
                       ln_b: Tensor, cos: Tensor, sin: Tensor, n_complete: Tensor, state: tuple[Tensor, ...],
-                      group: int, save: bool, out: Tensor | None = None
-                      ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...], Tensor]:
+                      group: int, save: bool, out: Tensor | None = None, lr_bias: Tensor | None = None,
+                      lr_base: float = 1.0) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...], Tensor]:
         """The fused layer pass (:mod:`ttt.ops.scan.fused`): ``(out, final state, checkpoints, Zbar)``;
         checkpoints and ``Zbar`` (for the backward) only when ``save``. ``out`` (contiguous
-        ``[B, L, H, F]``, the inputs' dtype) receives the output instead of a new tensor."""
+        ``[B, L, H, F]``, the inputs' dtype) receives the output instead of a new tensor. With ``lr_bias``
+        ``[H]``, ``lr`` holds the gate's logits (any strides) and the pass forms the learning rates
+        ``lr_base * sigmoid(lr + lr_bias) / F`` itself."""
         out = torch.ops.ttt_scan.heads_forward(xq, xk, xv, lr, coef, ln_w, ln_b, cos, sin, n_complete,
-                                               [t.contiguous() for t in state], int(group), bool(save), out)
+                                               [t.contiguous() for t in state], int(group), bool(save), out,
+                                               lr_bias, float(lr_base))
         ns = len(state)
         return out[0], tuple(out[1:1 + ns]), tuple(out[1 + ns:-1]), out[-1]
 

@@ -7,6 +7,9 @@ Between its projections and its post-norm a TTT layer computes, per head (math Â
     Zbar = scan(k, q, S, lr, ...)       (:func:`ttt.ops.scan.ttt_scan`)
     out  = q + ln_w * LN(Zbar) + ln_b
 
+and at inference also the learning rates from the gate's logits, ``lr = base_lr * sigmoid(logit +
+bias) / F`` (``lr_gate``; the logits read in place, a strided view of the layer's projections).
+
 :func:`ttt.ops.dual.ttt_dual_heads_composed` is exactly that, written with the readable ops
 (``rope_adjacent`` and ``ttt_dual``). With PyTorch ops it is a dozen passes over full ``[B, H, L, F]``
 tensors plus their autograd backward and the head-layout copies. The compiled scan's ``heads_forward``
@@ -106,16 +109,23 @@ def _rope_features(f: int, b: int, theta: float, dtype: torch.dtype, device: tor
 
 def ttt_dual_heads_fused(impl: ScanBackend, xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, coef: Tensor,
                          ln_w: Tensor, ln_b: Tensor, state: InnerState, rope_theta: float,
-                         remat_group_size: int = 0, out: Tensor | None = None) -> tuple[Tensor, InnerState]:
+                         remat_group_size: int = 0, out: Tensor | None = None,
+                         lr_gate: tuple[Tensor, float] | None = None) -> tuple[Tensor, InnerState]:
     """Same contract as :func:`ttt.ops.dual.ttt_dual_heads` (without ``lengths``), in one pass of
     ``impl`` (from :func:`fused_backend`); the output in the inner state's dtype. Without autograd, a
-    given ``out`` (contiguous ``[B, L, H, F]`` of that dtype) receives it and is returned."""
+    given ``out`` (contiguous ``[B, L, H, F]`` of that dtype) receives it and is returned, and
+    ``lr_gate = (bias, base_lr)`` makes ``lr`` the gate's logits, turned into learning rates in the pass
+    (with autograd it must be None: the caller forms ``lr``)."""
     bsz, length, heads, f = xq.shape
     inner = state.W1.dtype
     b = coef.shape[0]
     xq, xk, xv = (t if t.dtype == inner and t.stride(-1) == 1 else t.to(inner).contiguous()
                   for t in (xq, xk, xv))
-    lr, coef, ln_w, ln_b = (_as(t, inner) for t in (lr, coef, ln_w, ln_b))
+    coef, ln_w, ln_b = (_as(t, inner) for t in (coef, ln_w, ln_b))
+    if lr_gate is None:
+        lr, lr_bias, lr_base = _as(lr, inner), None, 1.0
+    else:  # the logits are read where they are (a strided view of the projections)
+        lr, lr_bias, lr_base = lr if lr.dtype == inner else lr.to(inner), _as(lr_gate[0], inner), lr_gate[1]
     cos, sin = _rope_features(f, b, float(rope_theta), inner, xq.device)
     rows = bsz * heads
     n_mb = -(-length // b)
@@ -124,10 +134,12 @@ def ttt_dual_heads_fused(impl: ScanBackend, xq: Tensor, xk: Tensor, xv: Tensor, 
     group = remat_group_size if remat_group_size > 0 else default_group(n_mb)
     tensors = (xq, xk, xv, lr, coef, ln_w, ln_b, *init)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if lr_gate is not None:
+            raise ValueError("lr_gate is for inference: with autograd pass the learning rates as lr")
         out, *final = _HeadsFunction.apply(impl, group, cos, sin, n_complete, *tensors)
     else:
         out, final, _, _ = impl.heads_forward(xq, xk, xv, lr, coef, ln_w, ln_b, cos, sin, n_complete, init,
-                                              group, False, out)
+                                              group, False, out, lr_bias, lr_base)
     final = [t.reshape(bsz, heads, *t.shape[1:]) for t in final]
     n_w = len(final) // 2
     pos = torch.full((bsz,), length % b, dtype=torch.long, device=xq.device)

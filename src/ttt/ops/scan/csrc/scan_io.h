@@ -4,7 +4,9 @@
 // * PlainIo: the scan contract of ttt/ops/scan/__init__.py (contiguous [R, N, b, F] k, q, s; Zbar out);
 //   inputs are used in place, nothing is copied.
 // * HeadsIo: the layer's own layout (ttt/ops/scan/fused.py): un-rotated projections q, k, v as strided
-//   [B, L, NH, F] views, out = q + LN(Zbar) written as [B, L, NH, F]. Each mini-batch is gathered into
+//   [B, L, NH, F] views, out = q + LN(Zbar) written as [B, L, NH, F]. In the forward the learning rates
+//   can also be formed here from the gate's logits (a strided [B, NH, L] view, the column block of the
+//   layer's fused projection output): lr = lr_base * sigmoid(logit + lr_bias[h]) / F. Each mini-batch is gathered into
 //   a per-thread buffer with the rotary embedding applied (position i inside the mini-batch) and
 //   S = ln_b - (v - k) formed; tokens past L are padding (k = q = v = 0, lr = 0). The backward turns
 //   dOut into dZbar (the output LayerNorm's backward, from the saved Zbar) and scatters dq, dk, dv
@@ -82,6 +84,11 @@ template <typename T> struct HeadsIo {
   const T *cf, *sf;               // rotary table [b, F]: (c0, c0, c1, c1, ...), (-s0, s0, -s1, s1, ...)
   Strided<T> out;                 // q + LN(Zbar)
   T* zsave;                       // [R, N, b, F] Zbar for the backward, or null
+  // forward only: with lr_bias [NH] given, lr holds the gate's logits (see above), read with these
+  // strides ([B, NH, L]); otherwise lr is the contiguous [R, L] learning rates
+  long lr_sB = 0, lr_sH = 0, lr_sL = 0;
+  const T* lr_bias = nullptr;
+  T lr_base = T(1);
   // backward only
   Strided<const T> dout{nullptr, 0, 0, 0};
   Strided<T> dxq{nullptr, 0, 0, 0}, dxk{nullptr, 0, 0, 0}, dxv{nullptr, 0, 0, 0};
@@ -135,13 +142,15 @@ template <typename T> struct HeadsIo {
         continue;
       }
       if (t + b < L) prefetch(bi, t + b, h, F);
+      const T g = lr_bias ? lr[bi * lr_sB + h * lr_sH + t * lr_sL] : lr[r * L + t];
       rope(F, i, xk.at(bi, t, h), ki, false);
       rope(F, i, xq.at(bi, t, h), qi, false);
       const T* __restrict vi = xv.at(bi, t, h);
       const T* __restrict kr = ki;
       T* __restrict sr = si;
       for (long j = 0; j < F; ++j) sr[j] = lb[j] - (vi[j] - kr[j]);
-      LR[i] = lr[r * L + t];
+      // (the same steps as the PyTorch expression lr_base * sigmoid(logit + bias) / F)
+      LR[i] = lr_bias ? lr_base * (T(1) / (T(1) + std::exp(-(g + lr_bias[h])))) / T(F) : g;
     }
     return Mb<T>{K, Q, S, LR, coef, lnw + h * F, false, false};
   }

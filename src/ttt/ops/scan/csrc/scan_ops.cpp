@@ -163,7 +163,7 @@ struct HeadsDims {
 HeadsDims check_heads(const at::Tensor& xq, const at::Tensor& xk, const at::Tensor& xv, const at::Tensor& lr,
                       const at::Tensor& coef, const at::Tensor& ln_w, const at::Tensor& ln_b,
                       const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& n_complete,
-                      const std::vector<at::Tensor>& state, int64_t group, long lead) {
+                      const std::vector<at::Tensor>& state, int64_t group, long lead, bool strided_lr = false) {
   TORCH_CHECK(xq.dim() == 4, "ttt_scan: xq must be [B, L, NH, F], got ", xq.sizes());
   TORCH_CHECK(group >= 1, "ttt_scan: group must be >= 1, got ", group);
   const auto dt = xq.scalar_type();
@@ -176,7 +176,13 @@ HeadsDims check_heads(const at::Tensor& xq, const at::Tensor& xk, const at::Tens
                 "ttt_scan: xq, xk, xv must be CPU ", dt, " tensors of shape ", xq.sizes(),
                 " with unit feature stride");
   }
-  check_tensor(lr, "lr", dt, {B, NH, L});
+  if (strided_lr) {
+    TORCH_CHECK(lr.device().is_cpu() && lr.scalar_type() == dt && lr.sizes() == at::IntArrayRef({B, NH, L}),
+                "ttt_scan: lr must be a CPU ", dt, " tensor of shape [", B, ", ", NH, ", ", L, "], got ",
+                lr.scalar_type(), " ", lr.sizes());
+  } else {
+    check_tensor(lr, "lr", dt, {B, NH, L});
+  }
   check_tensor(coef, "coef", dt, {b});
   check_tensor(ln_w, "ln_w", dt, {NH, F});
   check_tensor(ln_b, "ln_b", dt, {NH, F});
@@ -205,8 +211,12 @@ std::vector<at::Tensor> heads_forward(const at::Tensor& xq, const at::Tensor& xk
                                       const at::Tensor& lr, const at::Tensor& coef, const at::Tensor& ln_w,
                                       const at::Tensor& ln_b, const at::Tensor& cos, const at::Tensor& sin,
                                       const at::Tensor& n_complete, std::vector<at::Tensor> state, int64_t group,
-                                      bool save, const std::optional<at::Tensor>& out_buf) {
-  const HeadsDims h = check_heads(xq, xk, xv, lr, coef, ln_w, ln_b, cos, sin, n_complete, state, group, 0);
+                                      bool save, const std::optional<at::Tensor>& out_buf,
+                                      const std::optional<at::Tensor>& lr_bias, double lr_base) {
+  // with lr_bias, lr holds the gate's logits (any strides) and the learning rates are formed here
+  const HeadsDims h =
+      check_heads(xq, xk, xv, lr, coef, ln_w, ln_b, cos, sin, n_complete, state, group, 0, lr_bias.has_value());
+  if (lr_bias) check_tensor(*lr_bias, "lr_bias", xq.scalar_type(), {h.NH});
   const Dims& d = h.d;
   const long n_groups = (d.N + group - 1) / group;
   at::Tensor out;
@@ -244,6 +254,13 @@ std::vector<at::Tensor> heads_forward(const at::Tensor& xq, const at::Tensor& xk
     using T = scalar_t;
     HeadsIo<T> io = heads_io<T>(h, xq, xk, xv, lr, coef, ln_w, ln_b, cos, sin, save ? zsave.data_ptr<T>() : nullptr);
     io.out = strided<T>(out);
+    if (lr_bias) {
+      io.lr_sB = lr.stride(0);
+      io.lr_sH = lr.stride(1);
+      io.lr_sL = lr.stride(2);
+      io.lr_bias = lr_bias->data_ptr<T>();
+      io.lr_base = T(lr_base);
+    }
     auto f = state.size() == 8 ? &mlp_forward<T, HeadsIo<T>> : &linear_forward<T, HeadsIo<T>>;
     f(d, io, n_complete.data_ptr<int64_t>(), cptrs<T>(state), ptrs<T>(fin), ptrs<T>(ckpt), group);
   });
@@ -311,8 +328,8 @@ TORCH_LIBRARY(ttt_scan, m) {
         "Tensor[] saved, int group, Tensor d_zbar, Tensor[] d_final) -> Tensor[]",
         &ttt_scan::scan_backward);
   m.def("heads_forward(Tensor xq, Tensor xk, Tensor xv, Tensor lr, Tensor coef, Tensor ln_w, Tensor ln_b, "
-        "Tensor cos, Tensor sin, Tensor n_complete, Tensor[] state, int group, bool save, Tensor? out=None) "
-        "-> Tensor[]",
+        "Tensor cos, Tensor sin, Tensor n_complete, Tensor[] state, int group, bool save, Tensor? out=None, "
+        "Tensor? lr_bias=None, float lr_base=1.0) -> Tensor[]",
         &ttt_scan::heads_forward);
   m.def("heads_backward(Tensor xq, Tensor xk, Tensor xv, Tensor lr, Tensor coef, Tensor ln_w, Tensor ln_b, "
         "Tensor cos, Tensor sin, Tensor n_complete, Tensor[] saved, Tensor zbar, int group, Tensor d_out, "
