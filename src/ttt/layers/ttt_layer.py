@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..ops.conv import causal_conv1d
 from ..ops.decode import ttt_step
 from ..ops.dual import ttt_dual_heads
-from ..ops.functional import gelu_tanh, rope_adjacent, token_coefficients
+from ..ops.functional import gelu_tanh, rope_adjacent, token_coefficients, ttt_learning_rate
 from ..ops.linear import PACK_MIN_ROWS, PackedWeight, pack_weight, packable, packed_linear
 from ..ops.norm import gated_layer_norm_
 from ..ops.reference import ttt_reference
@@ -335,19 +335,20 @@ class TTTLayer(nn.Module):
 
         # [B, H, L], from a strided column block of the fused projection output
         logits = proj["lr"].transpose(1, 2)
-        bias = self.learnable_ttt_lr_bias.view(1, h, 1)
+        lr_bias = self.learnable_ttt_lr_bias.view(h)
         lr_gate = None
         if inference and self.impl == "dual" and length != 1 and x.dtype == _inner_dtype(x.dtype):
             # the dual form forms the learning rates from the logits (inside its compiled pass on the CPU)
-            lr, lr_gate = logits, (self.learnable_ttt_lr_bias.view(h), self.ttt_base_lr)
+            lr, lr_gate = logits, (lr_bias, self.ttt_base_lr)
         elif inference:  # the same arithmetic in place, in a contiguous [B, H, L] (the scan's layout)
             gate = torch.empty((bsz, h, length), dtype=_inner_dtype(x.dtype), device=x.device)
-            lr = torch.add(logits, bias, out=gate).sigmoid_()  # (added in the input's dtype, as in training)
+            # (added in the input's dtype, as in training)
+            lr = torch.add(logits, lr_bias.view(1, h, 1), out=gate).sigmoid_()
             if self.ttt_base_lr != 1.0:  # (x * 1 is x: skipped, same result)
                 lr.mul_(self.ttt_base_lr)
             lr.div_(f)
         else:
-            lr = self.ttt_base_lr * torch.sigmoid((logits + bias).to(_inner_dtype(x.dtype))) / f
+            lr = ttt_learning_rate(logits, lr_bias, self.ttt_base_lr, f, _inner_dtype(x.dtype))
         coef = derived.coef if derived is not None else token_coefficients(self.learnable_token_idx)
         # the inner loop runs in the state's dtype (fp32 for half models): keep autocast out of it
         with _autocast_off(x.device.type):

@@ -99,10 +99,13 @@ def rope_adjacent(x: Tensor, positions: Tensor, theta: float = 10000.0, period: 
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
 
 
-def ttt_learning_rate(logits: Tensor, bias: Tensor, base_lr: float, head_dim: int) -> Tensor:
+def ttt_learning_rate(logits: Tensor, bias: Tensor, base_lr: float, head_dim: int,
+                      dtype: torch.dtype | None = None) -> Tensor:
     """The inner learning rates ``base_lr * sigmoid(logits + bias) / head_dim`` (math §4) of the gate's
-    logits ``[B, H, L]`` with a bias per head ``[H]``."""
-    return base_lr * torch.sigmoid(logits + bias.view(1, -1, 1)) / head_dim
+    logits ``[B, H, L]`` with a bias per head ``[H]``; the sum cast to ``dtype`` (when given) before the
+    sigmoid."""
+    z = logits + bias.view(1, -1, 1)
+    return base_lr * torch.sigmoid(z if dtype is None else z.to(dtype)) / head_dim
 
 
 def token_coefficients(learnable_token_idx: Tensor) -> Tensor:

@@ -6,8 +6,8 @@
 // * HeadsIo: the layer's own layout (ttt/ops/scan/fused.py): un-rotated projections q, k, v as strided
 //   [B, L, NH, F] views, out = q + LN(Zbar) written as [B, L, NH, F]. In the forward the learning rates
 //   can also be formed here from the gate's logits (a strided [B, NH, L] view, the column block of the
-//   layer's fused projection output): lr = lr_base * sigmoid(logit + lr_bias[h]) / F. Each mini-batch is gathered into
-//   a per-thread buffer with the rotary embedding applied (position i inside the mini-batch) and
+//   layer's fused projection output): lr = lr_base * sigmoid(logit + lr_bias[h]) / F. Each mini-batch
+//   is gathered into a per-thread buffer with the rotary embedding applied (position i inside the mini-batch) and
 //   S = ln_b - (v - k) formed; tokens past L are padding (k = q = v = 0, lr = 0). The backward turns
 //   dOut into dZbar (the output LayerNorm's backward, from the saved Zbar) and scatters dq, dk, dv
 //   (rotated back), dlr, d ln_b. One pass over the data instead of a dozen full-tensor PyTorch ops.

@@ -15,11 +15,12 @@
 namespace ttt_scan {
 namespace {
 
-void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dt, at::IntArrayRef shape) {
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dt, at::IntArrayRef shape,
+                  bool contiguous = true) {
   TORCH_CHECK(t.device().is_cpu(), "ttt_scan: ", name, " must be on the CPU, got ", t.device());
   TORCH_CHECK(t.scalar_type() == dt, "ttt_scan: ", name, " must be ", dt, ", got ", t.scalar_type());
   TORCH_CHECK(t.sizes() == shape, "ttt_scan: ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "ttt_scan: ", name, " must be contiguous");
+  TORCH_CHECK(!contiguous || t.is_contiguous(), "ttt_scan: ", name, " must be contiguous");
 }
 
 // validates the state tensors ([R, (G,) ...] each, lead = 1 with a checkpoint axis); returns the
@@ -176,13 +177,7 @@ HeadsDims check_heads(const at::Tensor& xq, const at::Tensor& xk, const at::Tens
                 "ttt_scan: xq, xk, xv must be CPU ", dt, " tensors of shape ", xq.sizes(),
                 " with unit feature stride");
   }
-  if (strided_lr) {
-    TORCH_CHECK(lr.device().is_cpu() && lr.scalar_type() == dt && lr.sizes() == at::IntArrayRef({B, NH, L}),
-                "ttt_scan: lr must be a CPU ", dt, " tensor of shape [", B, ", ", NH, ", ", L, "], got ",
-                lr.scalar_type(), " ", lr.sizes());
-  } else {
-    check_tensor(lr, "lr", dt, {B, NH, L});
-  }
+  check_tensor(lr, "lr", dt, {B, NH, L}, !strided_lr);  // the gate's logits are read with their strides
   check_tensor(coef, "coef", dt, {b});
   check_tensor(ln_w, "ln_w", dt, {NH, F});
   check_tensor(ln_b, "ln_b", dt, {NH, F});
