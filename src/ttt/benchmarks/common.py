@@ -96,11 +96,28 @@ def matmul_peak_gflops(device: torch.device | str = "cpu", dtype: torch.dtype = 
     return {"per_size": out, "peak": max(out.values())}
 
 
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
+    """The CPU's model as the OS reports it (Linux: the first processor's ``model name``, family and model
+    in ``cpuinfo``; ratios between workloads differ from one CPU generation to the next), or None."""
+    try:
+        with open(cpuinfo) as fh:
+            lines = fh.read().split("\n\n", 1)[0].splitlines()
+    except OSError:
+        return None
+    fields = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
+    name = fields.get("model name")
+    if name is None:
+        return None
+    ids = [f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields]
+    return f"{name} ({', '.join(ids)})" if ids else name
+
+
 def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     """What the numbers were measured on."""
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
