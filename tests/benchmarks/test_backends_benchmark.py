@@ -27,6 +27,9 @@ def test_backends_benchmark_smoke(tmp_path) -> None:
     text = (tmp_path / "backends.md").read_text()
     assert "TTT-Linear layer forward [torch] at 32:" in text and "its best call" in text
     assert "median of the per-round ratios" in text
+    assert f"{saved['machine']['torch_threads']} torch threads)" in text
+    if saved["machine"]["cpu_model"]:  # which CPU measured it
+        assert saved["machine"]["cpu_model"] in text
 
 
 def test_cpu_model_names_the_first_processor(tmp_path) -> None:
