@@ -172,10 +172,10 @@ def table(payload: dict[str, Any]) -> str:
                            "tokens/s"], rows)
     peak = payload["matmul_peak_gflops"]
     machine = payload.get("machine", {})
-    on = ", ".join(str(v) for v in (machine.get("cpu_model"), machine.get("gpu")) if v)
-    threads = machine.get("torch_threads")
-    where = f"; {on}" if on else ""
-    where += f", {threads} torch threads" if threads else ""
+    parts = [str(v) for v in (machine.get("cpu_model"), machine.get("gpu")) if v]
+    if machine.get("torch_threads"):
+        parts.append(f"{machine['torch_threads']} torch threads")
+    where = "; " + ", ".join(parts) if parts else ""
     text += f"\n\nMatmul peak: {peak:.1f} GFLOP/s (fp32, measured in the same run{where})\n"
     for f in payload.get("linear_forward_fraction_of_peak", []):
         text += (f"\nTTT-Linear layer forward [{f['backend']}] at {f['length']}: {f['gflops']:.1f} GFLOP/s = "

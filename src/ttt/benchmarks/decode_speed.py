@@ -88,11 +88,16 @@ def mamba_prefill_bytes(model: nn.Module, batch: int, length: int, dtype: torch.
     return MAMBA_PREFILL_TENSORS * batch * length * cfg.intermediate_size * cfg.state_size * elem
 
 
+def prefill_chunk(kind: str, prompt_len: int, chunk: int) -> int:
+    """Prompt tokens per prefill forward (at most): ``chunk``, or the whole prompt for
+    :data:`ONE_PASS_PREFILL` models."""
+    return prompt_len if kind in ONE_PASS_PREFILL else chunk
+
+
 def prefill(kind: str, model: nn.Module, prompt: Tensor, chunk: int) -> tuple[Any, Tensor]:
-    """Feed ``prompt [B, L]`` through a new cache, ``chunk`` tokens per forward (the whole prompt at once
-    for :data:`ONE_PASS_PREFILL` models); returns ``(cache, logits of the last token [B, vocab])``."""
-    if kind in ONE_PASS_PREFILL:
-        chunk = prompt.shape[1]
+    """Feed ``prompt [B, L]`` through a new cache, :func:`prefill_chunk` tokens per forward; returns
+    ``(cache, logits of the last token [B, vocab])``."""
+    chunk = prefill_chunk(kind, prompt.shape[1], chunk)
     cache = _new_cache(kind, model)
     logits = None
     for start in range(0, prompt.shape[1], chunk):
@@ -140,7 +145,7 @@ def measure(kind: str, model: nn.Module, batch: int, prompt_len: int, decode_tok
         if step >= 2:
             times.append(time.perf_counter() - t1)
     return {
-        "prefill_chunk": prompt_len if kind in ONE_PASS_PREFILL else chunk,  # (tokens per forward, at most)
+        "prefill_chunk": prefill_chunk(kind, prompt_len, chunk),
         "prefill_s": prefill_s,
         "prefill_tokens_per_s": batch * prompt_len / prefill_s,
         "decode_ms_per_token": 1000 * statistics.median(times),
